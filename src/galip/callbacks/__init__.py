@@ -1,0 +1,5 @@
+"""Lightning callbacks: fixed-seed sample grids (more to come: EMA, periodic evaluation)."""
+
+from galip.callbacks.sample_grid import SampleGrid
+
+__all__ = ["SampleGrid"]

@@ -1,0 +1,68 @@
+"""Data sources. Every loader yields the same batch: {image, caption, tokens[, sent_emb]} (see `batch`)."""
+
+from galip.data.batch import (
+    CONTEXT_LENGTH,
+    Tokenized,
+    Tokenizer,
+    check_batch,
+    collate,
+    pil_to_tensor,
+    tensor_to_pil,
+    tokenize_one,
+)
+from galip.data.random_captions import RandomCaptionDataModule, RandomCaptionDataset
+from galip.data.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    ShapesDataModule,
+    ShapesWorld,
+    sample_scene,
+    write_shapes_shards,
+)
+from galip.data.shards import (
+    SkipCounter,
+    check_worker_count,
+    decode_sample,
+    list_shards,
+    shard_dataset,
+    shard_loader,
+    skipped,
+    write_shards,
+)
+
+__all__ = [
+    "BACKGROUNDS",
+    "COLOURS",
+    "CONTEXT_LENGTH",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "Obj",
+    "RandomCaptionDataModule",
+    "RandomCaptionDataset",
+    "Scene",
+    "ShapesDataModule",
+    "ShapesWorld",
+    "SkipCounter",
+    "Tokenized",
+    "Tokenizer",
+    "check_batch",
+    "check_worker_count",
+    "collate",
+    "decode_sample",
+    "list_shards",
+    "pil_to_tensor",
+    "sample_scene",
+    "shard_dataset",
+    "shard_loader",
+    "skipped",
+    "tensor_to_pil",
+    "tokenize_one",
+    "write_shapes_shards",
+    "write_shards",
+]

@@ -1,0 +1,144 @@
+"""The CLIP-empowered generator (paper §3.3; reference §1.4).
+
+    cond = [z; s]
+    bridge = BridgeFeaturePredictor(z, cond)                        # [B, width, grid, grid]
+    prompts = PromptPredictor(cond)                                  # one token per prompted block
+    seed = conv(bridge + 0.1 · CLIP-ViT(bridge, prompts))            # frozen CLIP as a mapper
+    image = ImageDecoder(seed, cond)                                 # GBlocks up to CLIP's input size
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from galip.clip import FrozenCLIP
+from galip.models.layers import FusionBlock, GBlock
+
+
+class BridgeFeaturePredictor(nn.Module):
+    """Noise -> (code_ch, grid, grid) -> text-fused residual blocks -> conv to CLIP width."""
+
+    def __init__(
+        self, nz: int, cond_dim: int, grid: int, width: int, code_ch: int = 64, mid_ch: int = 32, n_blocks: int = 4
+    ):
+        super().__init__()
+        self.code_ch, self.grid = code_ch, grid
+        self.fc_code = nn.Linear(nz, code_ch * grid * grid)
+        self.blocks = nn.ModuleList(FusionBlock(code_ch, mid_ch, code_ch, cond_dim) for _ in range(n_blocks))
+        self.conv_fuse = nn.Conv2d(code_ch, width, 5, 1, 2)
+
+    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = self.fc_code(z).view(-1, self.code_ch, self.grid, self.grid)
+        for block in self.blocks:
+            x = block(x, cond)
+        return self.conv_fuse(x)
+
+
+class PromptPredictor(nn.Module):
+    """One Linear from [z; s] to a prompt token for each prompted CLIP block."""
+
+    def __init__(self, cond_dim: int, n_prompts: int, width: int):
+        super().__init__()
+        self.n_prompts, self.width = n_prompts, width
+        self.fc_prompt = nn.Linear(cond_dim, n_prompts * width)
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.fc_prompt(cond).view(-1, self.n_prompts, self.width)
+
+
+def decoder_sizes(grid: int, image_size: int) -> list[int]:
+    """Spatial size after each GBlock: powers of two from the one just above ``grid``, then ``image_size``.
+
+    ViT-B/32 (grid 7, 224 px): 8, 16, 32, 64, 128, 224 — the official plan. Tiny (grid 8, 64 px): 8, 16, 32, 64.
+    """
+    size, sizes = 2 ** math.ceil(math.log2(grid)), []
+    while size < image_size:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, image_size]
+
+
+def decoder_channels(ngf: int, n_blocks: int, max_mult: int = 8) -> list[int]:
+    """Channels before/after each block: ngf·8 capped, halving over the last blocks (512,…,256,128,64)."""
+    return [ngf * min(2 ** (n_blocks - i), max_mult) for i in range(n_blocks + 1)]
+
+
+class ImageDecoder(nn.Module):
+    """Seed feature -> image: a 5×5 conv from CLIP width, GBlocks, then LeakyReLU + conv to RGB (no tanh)."""
+
+    def __init__(self, cond_dim: int, width: int, grid: int, image_size: int, ngf: int = 64):
+        super().__init__()
+        sizes = decoder_sizes(grid, image_size)
+        chans = decoder_channels(ngf, len(sizes))
+        self.stem = nn.Conv2d(width, chans[0], 5, 1, 2)
+        self.blocks = nn.ModuleList(
+            GBlock(cond_dim, c_in, c_out, size) for c_in, c_out, size in zip(chans[:-1], chans[1:], sizes, strict=True)
+        )
+        self.to_rgb = nn.Conv2d(chans[-1], 3, 3, 1, 1)
+
+    def forward(self, seed: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        x = self.stem(seed)
+        for block in self.blocks:
+            x = block(x, cond)
+        return self.to_rgb(F.leaky_relu(x, 0.2))
+
+
+class Generator(nn.Module):
+    """Mate-G + frozen CLIP-ViT. ``clip`` is held by reference, never as a submodule.
+
+    Args:
+        clip: the shared frozen CLIP; its geometry sets every shape.
+        nz: noise size (paper 100).
+        ngf: decoder base channels (paper 64).
+        prompt_blocks: 0-based CLIP blocks that get a predicted prompt (paper 1..8).
+        use_clip_mapper: False drops the CLIP branch (ablation "w/o CLIP in G"): seed = conv(bridge).
+        mapped_scale: weight of the CLIP-mapped feature added to the bridge feature (paper 0.1).
+    """
+
+    def __init__(
+        self,
+        clip: FrozenCLIP,
+        nz: int = 100,
+        ngf: int = 64,
+        code_ch: int = 64,
+        mid_ch: int = 32,
+        n_fusion_blocks: int = 4,
+        prompt_blocks: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8),
+        use_clip_mapper: bool = True,
+        mapped_scale: float = 0.1,
+    ):
+        super().__init__()
+        geo = clip.geometry
+        _check_blocks("prompt_blocks", prompt_blocks, geo.depth)
+        self._clip = (clip,)  # a tuple hides it from nn.Module registration
+        self.nz, self.mapped_scale, self.use_clip_mapper = nz, mapped_scale, use_clip_mapper
+        self.prompt_blocks = tuple(prompt_blocks) if use_clip_mapper else ()
+        cond_dim = nz + geo.embed_dim
+        self.bridge = BridgeFeaturePredictor(nz, cond_dim, geo.grid, geo.width, code_ch, mid_ch, n_fusion_blocks)
+        self.prompts = PromptPredictor(cond_dim, len(self.prompt_blocks), geo.width) if self.prompt_blocks else None
+        self.decoder = ImageDecoder(cond_dim, geo.width, geo.grid, geo.image_size, ngf)
+
+    @property
+    def clip(self) -> FrozenCLIP:
+        return self._clip[0]
+
+    def forward(self, z: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
+        """Noise [B, nz] + sentence vector [B, embed_dim] -> image [B, 3, S, S], roughly in [-1, 1]."""
+        cond = torch.cat([z, sent_emb.to(z.dtype)], dim=1)
+        bridge = self.bridge(z, cond)
+        seed = bridge
+        if self.use_clip_mapper:
+            prompts = self.prompts(cond) if self.prompts is not None else None
+            seed = bridge + self.mapped_scale * self.clip.map_bridge(bridge, prompts, self.prompt_blocks)
+        return self.decoder(seed, cond)
+
+
+def _check_blocks(key: str, blocks: Sequence[int], depth: int) -> None:
+    bad = [b for b in blocks if not 0 <= b < depth]
+    if bad:
+        raise ValueError(f"{key}={list(blocks)}: {bad} outside the CLIP's {depth} blocks (0-based 0..{depth - 1})")

@@ -1,0 +1,197 @@
+"""Data layer: the batch contract, determinism, caption/pixel agreement, splits and shard round trips."""
+
+import io
+import os
+import tarfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from galip.data import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    Obj,
+    RandomCaptionDataModule,
+    Scene,
+    ShapesDataModule,
+    ShapesWorld,
+    SkipCounter,
+    Tokenized,
+    check_batch,
+    check_worker_count,
+    collate,
+    list_shards,
+    shard_dataset,
+    write_shapes_shards,
+    write_shards,
+)
+from galip.data.shapes import SIZES, sample_scene
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_clip.get_tokenizer("ViT-B-32")
+
+
+def test_collate_builds_the_batch_contract(tokenizer):
+    samples = [Tokenized(ShapesWorld(length=4, image_size=32), tokenizer)[i] for i in range(4)]
+    for s in samples:
+        s["sent_emb"] = torch.randn(16)
+    batch = collate(samples)
+    check_batch(batch)
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert batch["tokens"].shape == (4, 77) and batch["tokens"].dtype == torch.long
+    assert batch["sent_emb"].shape == (4, 16)
+    assert batch["labels"]["colour"].shape == (4, 3)
+    assert batch["image"].min() >= -1.0 and batch["image"].max() <= 1.0
+
+
+def test_random_caption_datamodule_is_deterministic(tokenizer):
+    def first_val_batch(seed):
+        dm = RandomCaptionDataModule(tokenizer, image_size=32, n_train=16, n_val=8, batch_size=4, seed=seed)
+        dm.setup("fit")
+        return dm, next(iter(dm.val_dataloader()))
+
+    dm, a = first_val_batch(0)
+    _, b = first_val_batch(0)
+    _, c = first_val_batch(1)
+    check_batch(a)
+    assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"]
+    assert not torch.equal(a["image"], c["image"])
+    train = list(dm.train_dataloader())
+    assert len(train) == 4 and all(t["image"].shape == (4, 3, 32, 32) for t in train)
+    assert torch.equal(dm.train_set[3]["image"], dm.train_set[3]["image"])
+    assert not torch.equal(dm.train_set[0]["image"], dm.val_set[0]["image"])
+
+
+def test_shapes_world_is_deterministic():
+    a, b = ShapesWorld(seed=3, length=5), ShapesWorld(seed=3, length=5)
+    for i in range(5):
+        scene_a, scene_b = a.scene(i)[0], b.scene(i)[0]
+        assert scene_a.render(64).tobytes() == scene_b.render(64).tobytes()
+        assert a[i]["caption"] == b[i]["caption"]
+        assert torch.equal(a[i]["image"], b[i]["image"])
+    assert ShapesWorld(seed=4, length=1)[0]["key"] != a[0]["key"]
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_renders_at_any_resolution(size):
+    image = ShapesWorld(length=1, image_size=size)[0]["image"]
+    assert image.shape == (3, size, size)
+
+
+def _patch_rgb(image: Image.Image, xy: tuple[float, float], radius: int = 1) -> np.ndarray:
+    x, y = (round(c * image.width) for c in xy)
+    pixels = np.asarray(image, dtype=np.float32)
+    return pixels[y - radius : y + radius + 1, x - radius : x + radius + 1].reshape(-1, 3).mean(0)
+
+
+@pytest.mark.parametrize(
+    "obj, background",
+    [
+        (Obj("circle", "red", "small", "left"), "grey"),
+        (Obj("triangle", "green", "large", "top"), "white"),
+        (Obj("square", "blue", "small", "right"), "black"),
+        (Obj("diamond", "yellow", "large", "bottom"), "beige"),
+        (Obj("triangle", "purple", "small", "centre"), "grey"),
+    ],
+)
+def test_pixels_match_the_caption(obj, background):
+    scene = Scene([obj], background)
+    caption = scene.caption(0)
+    assert obj.colour in caption and obj.shape in caption and background in caption
+    image = scene.render(64)
+    assert np.allclose(_patch_rgb(image, POSITIONS[obj.position]), COLOURS[obj.colour], atol=2)
+    assert np.allclose(_patch_rgb(image, (0.03, 0.03)), BACKGROUNDS[background], atol=2)
+
+
+def test_each_object_of_a_scene_is_drawn_where_labelled():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scene = sample_scene(rng)
+        image = scene.render(64)
+        for obj in scene.objects:
+            assert np.allclose(_patch_rgb(image, POSITIONS[obj.position]), COLOURS[obj.colour], atol=2)
+
+
+def test_objects_never_overlap():
+    reach = 2 * max(SIZES.values())
+    centres = list(POSITIONS.values())
+    for i, (ax, ay) in enumerate(centres):
+        for bx, by in centres[i + 1 :]:
+            assert max(abs(ax - bx), abs(ay - by)) > reach
+
+
+def test_splits_never_share_a_scene():
+    specs = {
+        split: {ShapesWorld(seed, split, 150).scene(i)[0].spec() for seed in (0, 1) for i in range(150)}
+        for split in ("train", "val", "test")
+    }
+    assert not specs["train"] & specs["val"]
+    assert not specs["train"] & specs["test"]
+    assert not specs["val"] & specs["test"]
+    val = ShapesWorld(0, "val", 20)
+    assert all(val.scene(i)[0].split() == "val" for i in range(20))
+
+
+def test_shard_round_trip(tmp_path, tokenizer):
+    world = ShapesWorld(seed=0, split="train", length=10, image_size=32)
+    paths = write_shards(world.shard_samples(), tmp_path, prefix="train", max_per_shard=4, image_format="png")
+    assert len(paths) == 3 and list_shards(tmp_path, "train") == [str(p) for p in paths]
+    read = list(shard_dataset([str(p) for p in paths], tokenizer, image_size=32))
+    assert [s["key"] for s in read] == [world[i]["key"] for i in range(10)]
+    for i, sample in enumerate(read):
+        expected = world[i]
+        assert sample["caption"] == expected["caption"]
+        assert torch.equal(sample["image"], expected["image"])
+        assert all(torch.equal(sample["labels"][k], v) for k, v in expected["labels"].items())
+    manifest = (tmp_path / "manifest.json").read_text()
+    assert '"count": 10' in manifest
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_corrupt_sample_is_skipped_and_counted(tmp_path, tokenizer):
+    good = io.BytesIO()
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(good, format="PNG")
+    path = tmp_path / "bad-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        _add_member(tar, "a.jpg", b"this is not a jpeg")
+        _add_member(tar, "a.txt", b"broken")
+        _add_member(tar, "b.png", good.getvalue())
+        _add_member(tar, "b.txt", b"a green square")
+    counter = SkipCounter()
+    read = list(shard_dataset(str(path), tokenizer, image_size=16, handler=counter))
+    assert [s["caption"] for s in read] == ["a green square"]
+    assert counter.count == 1
+
+
+def test_too_many_workers_for_shards_is_a_clear_error():
+    check_worker_count(4, 2, world_size=2)
+    with pytest.raises(ValueError, match="shards cannot feed"):
+        check_worker_count(2, 2, world_size=2)
+
+
+def test_shapes_datamodule_in_memory_and_from_shards(tmp_path, tokenizer):
+    write_shapes_shards(tmp_path, {"train": 12, "val": 6}, image_size=32, max_per_shard=4)
+    memory = ShapesDataModule(tokenizer, image_size=32, batch_size=4, n_train=12, n_val=6)
+    streamed = ShapesDataModule(tokenizer, image_size=32, batch_size=4, n_train=12, shards=str(tmp_path))
+    for dm in (memory, streamed):
+        dm.setup("fit")
+        train = list(dm.train_dataloader())
+        assert len(train) == 3
+        for batch in train + list(dm.val_dataloader()):
+            check_batch(batch)
+    val_memory = torch.cat([b["image"] for b in memory.val_dataloader()])
+    val_streamed = torch.cat([b["image"] for b in streamed.val_dataloader()])
+    assert torch.equal(val_memory, val_streamed)
