@@ -1,0 +1,46 @@
+# galip — `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export WANDB_MODE ?= offline
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-slow test-all lint format bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv with pip and install galip[dev] (no-op when up to date)
+
+demo: install ## train the smoke experiment on CPU: a checkpoint and a sample grid in outputs/
+	$(PY) -m galip.train +experiment=smoke
+
+test: install ## the default test suite (no slow tests, no network)
+	$(PY) -m pytest
+
+test-slow: install ## only the tests marked slow
+	$(PY) -m pytest -m slow
+
+test-all: install ## every test, slow ones included
+	$(PY) -m pytest -m 'slow or not slow'
+
+lint: install ## ruff
+	$(VENV)/bin/ruff check src tests benchmarks
+
+format: install ## ruff format + import sorting
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+	$(VENV)/bin/ruff format src tests benchmarks
+
+bench: install ## speed benchmark at the ViT-B/32 geometry (several minutes on CPU)
+	$(PY) benchmarks/speed.py --out experiments/benchmarks.md
+
+clean: ## remove run outputs and caches (keeps .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -1,0 +1,51 @@
+"""A small content-addressed cache for artefacts that the project's own commands produce.
+
+An artefact (the embedded world's pretrained tiny CLIP, its judge, shard sets) is stored under
+``<root>/<kind>/<key>/`` where ``key`` hashes the config that produced it, so a changed config never
+silently reuses a stale artefact and an unchanged one is found again on the next run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+
+def cache_root() -> Path:
+    """``$GALIP_CACHE`` or ``./.cache/galip``."""
+    return Path(os.environ.get("GALIP_CACHE", Path.cwd() / ".cache" / "galip")).expanduser()
+
+
+def config_key(config: Mapping[str, Any], length: int = 12) -> str:
+    """Stable hash of a JSON-serialisable config (key order does not matter)."""
+    blob = json.dumps(_plain(config), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+def artefact_dir(kind: str, config: Mapping[str, Any], root: str | os.PathLike | None = None) -> Path:
+    """Where the artefact of ``kind`` produced by ``config`` lives (not created)."""
+    return Path(root or cache_root()) / kind / config_key(config)
+
+
+def write_config(directory: Path, config: Mapping[str, Any]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(_plain(config), indent=2, sort_keys=True, default=str))
+
+
+def _plain(obj: Any) -> Any:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(obj):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(obj, Mapping):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    return obj
