@@ -6,6 +6,7 @@ Manual optimisation, one D step then one G step per batch (TTUR: separate Adam o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -32,6 +33,9 @@ class GALIPModule(L.LightningModule):
         magp_k, magp_p: MAGP weight and power (paper 2, 6).
         grad_clip: optional max grad norm (applied through ``self.clip_gradients``; the Trainer's own
             ``gradient_clip_val`` is refused under manual optimisation).
+        ema_half_life_kimg: half-life of an exponential moving average of G's weights, in thousands of
+            images (not in the paper; StyleGAN/EDM practice). ``None`` disables it. Sampling uses the EMA.
+        ema_rampup: EDM's ramp-up: the half-life is at most ``ema_rampup × images seen`` early in training.
     """
 
     def __init__(
@@ -46,6 +50,8 @@ class GALIPModule(L.LightningModule):
         magp_k: float = 2.0,
         magp_p: float = 6.0,
         grad_clip: float | None = None,
+        ema_half_life_kimg: float | None = None,
+        ema_rampup: float | None = 0.05,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -57,6 +63,8 @@ class GALIPModule(L.LightningModule):
         self.optimizer_d = optimizer_d or _adam(4e-4)
         self.sim_weight, self.magp_k, self.magp_p, self.grad_clip = sim_weight, magp_k, magp_p, grad_clip
         self.images_seen = 0
+        self.ema_half_life_kimg, self.ema_rampup = ema_half_life_kimg, ema_rampup
+        self.generator_ema = ema_copy(generator, clip) if ema_half_life_kimg else None
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -109,6 +117,7 @@ class GALIPModule(L.LightningModule):
         self.untoggle_optimizer(opt_g)
 
         self.images_seen += real.shape[0] * self.trainer.world_size
+        self.update_ema(real.shape[0] * self.trainer.world_size)
         self.log_terms(d_terms, g_terms, batch_size=real.shape[0])
 
     def discriminator_terms(
@@ -141,18 +150,35 @@ class GALIPModule(L.LightningModule):
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log_dict({"d_loss": values["d/loss"], "g_loss": values["g/loss"]}, prog_bar=True, batch_size=batch_size)
 
+    @torch.no_grad()
+    def update_ema(self, batch_images: int) -> None:
+        if self.generator_ema is None:
+            return
+        half_life = self.ema_half_life_kimg * 1000
+        if self.ema_rampup:
+            half_life = min(half_life, self.images_seen * self.ema_rampup)
+        beta = 0.5 ** (batch_images / max(half_life, 1e-8))
+        for p_ema, p in zip(self.generator_ema.parameters(), self.generator.parameters(), strict=True):
+            p_ema.lerp_(p.detach(), 1.0 - beta)
+
+    @property
+    def sampling_generator(self) -> Generator:
+        """The EMA generator when there is one, else the trained one."""
+        return self.generator_ema if self.generator_ema is not None else self.generator
+
     # -- sampling -------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, captions: Sequence[str], noise: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] for captions and noise (one row each), G in eval mode, clamped."""
         sent = self.clip.encode_text(self.clip.tokenize(captions).to(self.device))
-        was_training = self.generator.training
-        self.generator.eval()
+        generator = self.sampling_generator
+        was_training = generator.training
+        generator.eval()
         try:
-            return self.generator(noise.to(self.device), sent).clamp(-1, 1)
+            return generator(noise.to(self.device), sent).clamp(-1, 1)
         finally:
-            self.generator.train(was_training)
+            generator.train(was_training)
 
     # -- checkpoints: the frozen CLIP is rebuilt from the config, not stored in every file -----
 
@@ -169,13 +195,19 @@ class GALIPModule(L.LightningModule):
     def parameter_counts(self) -> dict[str, int]:
         """Trainable vs frozen parameters (the paper's "0.08 B trainable" is ``trainable/total``)."""
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        frozen = sum(p.numel() for p in self.parameters() if not p.requires_grad)
+        frozen = sum(p.numel() for p in self.clip.parameters())
         return {
             "params/generator": sum(p.numel() for p in self.trainable_parameters(self.generator)),
             "params/discriminator": sum(p.numel() for p in self.trainable_parameters(self.discriminator)),
             "params/trainable": trainable,
             "params/frozen": frozen,
         }
+
+
+def ema_copy(generator: Generator, clip: FrozenCLIP) -> Generator:
+    """A frozen copy of G that shares (does not copy) the frozen CLIP."""
+    ema = copy.deepcopy(generator, memo={id(clip): clip})
+    return ema.requires_grad_(False).eval()
 
 
 def _adam(lr: float) -> OptimizerFactory:

@@ -37,6 +37,7 @@ def build_module(cfg: DictConfig, clip: FrozenCLIP) -> GALIPModule:
         optimizer_g=instantiate(cfg.optim.generator),
         optimizer_d=instantiate(cfg.optim.discriminator),
         grad_clip=cfg.model.get("grad_clip"),
+        ema_half_life_kimg=cfg.model.get("ema_half_life_kimg"),
         **cfg.model.loss,
     )
 

@@ -79,14 +79,23 @@ def load_clip(
     model_cfg: Mapping | None = None,
     cache_dir: str | None = None,
     download: bool = False,
+    resize_mode: str = "bilinear",
+    official_preprocess_bug: bool = False,
 ) -> FrozenCLIP:
-    """Build the frozen CLIP. ``pretrained=None`` and ``path=None`` give random weights (tests, benchmarks)."""
+    """Build the frozen CLIP. ``pretrained=None`` and ``path=None`` give random weights (tests, benchmarks).
+
+    ``resize_mode`` is how images that are not at CLIP's input size are resized for it (the official code
+    uses ``nearest``); ``official_preprocess_bug`` reproduces the official [0.5, 1] pixel mapping, only for
+    continuing or evaluating official checkpoints exactly (reference §7.1).
+    """
     model = _build(name, model_cfg)
     if path is not None:
         load_weights_file(model, path)
     elif pretrained is not None:
         load_weights_file(model, resolve_pretrained(name, pretrained, cache_dir, download))
-    return FrozenCLIP(model, tokenizer_name=name if model_cfg is None else None)
+    clip = FrozenCLIP(model, tokenizer_name=name if model_cfg is None else None)
+    clip.resize_mode, clip.official_preprocess_bug = resize_mode, official_preprocess_bug
+    return clip
 
 
 def _build(name: str | None, model_cfg: Mapping | None) -> nn.Module:
