@@ -115,6 +115,11 @@ class Generator(nn.Module):
         super().__init__()
         geo = clip.geometry
         _check_blocks("prompt_blocks", prompt_blocks, geo.depth)
+        # Constructor arguments (without the CLIP): enough to rebuild this generator around a CLIP.
+        self.config = dict(
+            nz=nz, ngf=ngf, code_ch=code_ch, mid_ch=mid_ch, n_fusion_blocks=n_fusion_blocks,
+            prompt_blocks=list(prompt_blocks), use_clip_mapper=use_clip_mapper, mapped_scale=mapped_scale,
+        )
         self._clip = (clip,)  # a tuple hides it from nn.Module registration
         self.nz, self.mapped_scale, self.use_clip_mapper = nz, mapped_scale, use_clip_mapper
         self.prompt_blocks = tuple(prompt_blocks) if use_clip_mapper else ()

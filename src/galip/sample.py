@@ -1,0 +1,40 @@
+"""``python -m galip.sample ckpt=generator.safetensors prompts='["a bird", …]' n=8 seed=0``.
+
+Writes ``<out_dir>/grid.png`` (one row per prompt) and ``<out_dir>/<prompt index>_<i>.png``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from galip.sampling import Sampler, save_grid, save_singles
+
+
+def sample(cfg: DictConfig) -> Path:
+    sampler = Sampler.from_export(cfg.ckpt, device=cfg.device)
+    prompts = list(cfg.prompts)
+    images = sampler.generate(prompts, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size)
+    out = Path(cfg.out_dir)
+    grid = save_grid(images, out / "grid.png", nrow=cfg.n)
+    for p, chunk in enumerate(images.split(cfg.n)):
+        save_singles(chunk, out, stem=f"{p:03d}")
+    (out / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    print(f"{len(images)} images ({cfg.n} per prompt, seed {cfg.seed}) -> {grid}")
+    return grid
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="sample")
+def main(cfg: DictConfig) -> None:
+    try:
+        sample(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"galip: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
