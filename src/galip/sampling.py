@@ -64,3 +64,59 @@ def save_singles(images: torch.Tensor, directory: str | Path, stem: str = "sampl
     for image, path in zip(images, paths, strict=True):
         save_image(image, path, normalize=True, value_range=(-1, 1))
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolation: the "style knob" (paper Fig. 7)
+# ---------------------------------------------------------------------------------------------
+
+
+def lerp_weights(steps: int) -> torch.Tensor:
+    return torch.linspace(0.0, 1.0, steps)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between noise vectors (keeps the Gaussian norm), rows of t in [0, 1]."""
+    a_n, b_n = a / a.norm(dim=-1, keepdim=True), b / b.norm(dim=-1, keepdim=True)
+    omega = torch.arccos((a_n * b_n).sum(-1, keepdim=True).clamp(-1 + 1e-7, 1 - 1e-7))
+    t = t[:, None]
+    return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
+
+
+def interpolate_prompts(sampler: Sampler, prompts: Sequence[str], steps: int = 8, seed: int = 0) -> torch.Tensor:
+    """Fixed noise, sentence vectors blended between 2 prompts (a row) or 4 prompts (a steps × steps grid,
+    corners in reading order). Endpoints are exactly the prompts' own samples."""
+    sent = sampler.sentence_vectors(prompts).cpu()
+    t = lerp_weights(steps)
+    if len(prompts) == 2:
+        mix = torch.lerp(sent[0], sent[1], t[:, None])
+    elif len(prompts) == 4:
+        top = torch.lerp(sent[0], sent[1], t[:, None])
+        bottom = torch.lerp(sent[2], sent[3], t[:, None])
+        mix = torch.lerp(top[None], bottom[None], t[:, None, None]).reshape(steps * steps, -1)
+    else:
+        raise ValueError(f"interpolation takes 2 or 4 prompts, got {len(prompts)}")
+    noise = sampler.noise(1, seed).expand(len(mix), -1)
+    return sampler.from_vectors(mix, noise)
+
+
+def interpolate_noise(sampler: Sampler, prompt: str, steps: int = 8, seeds: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Fixed prompt, noise slerped between the first noise of two seeds (content fixed, "style" varies)."""
+    a, b = sampler.noise(1, seeds[0]), sampler.noise(1, seeds[1])
+    noise = slerp(a.expand(steps, -1), b.expand(steps, -1), lerp_weights(steps))
+    sent = sampler.sentence_vectors([prompt]).cpu().expand(steps, -1)
+    return sampler.from_vectors(sent, noise)
+
+
+def save_gif(images: torch.Tensor, path: str | Path, duration_ms: int = 120, bounce: bool = True) -> Path:
+    """Frames in order (and back, with ``bounce``) as an animated GIF."""
+    from PIL import Image
+
+    frames = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    pil = [Image.fromarray(f) for f in frames]
+    if bounce and len(pil) > 2:
+        pil = pil + pil[-2:0:-1]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pil[0].save(path, save_all=True, append_images=pil[1:], duration=duration_ms, loop=0)
+    return path
