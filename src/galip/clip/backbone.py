@@ -33,6 +33,7 @@ from galip.clip import mapper, taps
 
 # Keys of an OpenAI state dict that are metadata, not tensors of the model (open_clip rejects them).
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
+_WRAPPER_PREFIXES = ("module.", "model.", "clip.")
 _HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
@@ -88,14 +89,25 @@ def load_clip(
     uses ``nearest``); ``official_preprocess_bug`` reproduces the official [0.5, 1] pixel mapping, only for
     continuing or evaluating official checkpoints exactly (reference §7.1).
     """
-    model = _build(name, model_cfg)
+    # Find the weights first: a missing file or an uncached tag must fail before a (slow) model build.
+    weights = None
     if path is not None:
-        load_weights_file(model, path)
+        weights = _existing_file(path)
     elif pretrained is not None:
-        load_weights_file(model, resolve_pretrained(name, pretrained, cache_dir, download))
+        weights = resolve_pretrained(name, pretrained, cache_dir, download)
+    model = _build(name, model_cfg)
+    if weights is not None:
+        load_weights_file(model, weights)
     clip = FrozenCLIP(model, tokenizer_name=name if model_cfg is None else None)
     clip.resize_mode, clip.official_preprocess_bug = resize_mode, official_preprocess_bug
     return clip
+
+
+def _existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CLIPWeightsMissing(f"clip.path={str(path)!r} does not exist (expected a CLIP checkpoint file)")
+    return path
 
 
 def _build(name: str | None, model_cfg: Mapping | None) -> nn.Module:
@@ -148,10 +160,11 @@ def _cached_hf_file(hf_hub: str, cache_dir: str | None) -> str | None:
 
 def load_weights_file(model: nn.Module, path: str | os.PathLike) -> None:
     """Load an OpenAI (state dict or TorchScript), open_clip or Lightning checkpoint file, strictly."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise CLIPWeightsMissing(f"clip.path={str(path)!r} does not exist (expected a CLIP checkpoint file)")
-    state = clean_state_dict(_read_state_dict(path))
+    path = _existing_file(path)
+    # Non-persistent buffers (open_clip's attn_mask) are rebuilt by the model; TorchScript archives still carry them.
+    persistent = model.state_dict().keys()
+    transient = {name for name, _ in model.named_buffers() if name not in persistent}
+    state = {k: v for k, v in clean_state_dict(_read_state_dict(path)).items() if k not in transient}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "logit_bias"]
     if missing or unexpected:
@@ -186,10 +199,12 @@ def clean_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """Drop OpenAI metadata keys and wrapper prefixes (``module.`` from DDP, ``model.`` from Lightning)."""
     out = {}
     for key, value in state.items():
-        if key in _OPENAI_META_KEYS or not torch.is_tensor(value):
+        if not torch.is_tensor(value):
             continue
-        for prefix in ("module.", "model.", "clip."):
-            key = key.removeprefix(prefix)
+        while key.startswith(_WRAPPER_PREFIXES):  # any order and depth: "module.clip.model.visual…"
+            key = key.split(".", 1)[1]
+        if key in _OPENAI_META_KEYS:
+            continue
         out[key] = value.float() if value.is_floating_point() else value
     return out
 
@@ -241,6 +256,7 @@ class FrozenCLIP(nn.Module):
         # The official code maps [0,1] pixels to [0.5,1] before normalising (reference §7.1); off by default.
         self.official_preprocess_bug = False
         self.resize_mode = "bilinear"
+        super().train(False)  # the wrapper itself too: nn.Module.__init__ left it in training mode
 
     def train(self, mode: bool = True) -> FrozenCLIP:  # noqa: ARG002 - frozen: never leaves eval mode
         return super().train(False)

@@ -1,0 +1,174 @@
+"""The training entry point: the real command end to end, every experiment config, and config errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR
+from galip.config import ConfigError, validate
+from galip.train import SLOT_GROUPS, normalize_slot_overrides
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+
+
+def run_train(args: list[str], root: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -m galip.train ARGS`` from ``root`` with outputs under it, offline."""
+    env = {**os.environ, "GALIP_ROOT": str(root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "galip.train", *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end
+# ---------------------------------------------------------------------------------------------
+
+
+def test_smoke_experiment_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(["+experiment=smoke", f"hydra.run.dir={run_dir}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    last = run_dir / "checkpoints" / "last.ckpt"
+    grids = sorted((run_dir / "samples").glob("step_*.png"))
+    assert last.is_file()
+    assert grids, f"no sample grid in {run_dir / 'samples'}"
+    assert str(last) in proc.stdout
+    assert str(grids[-1]) in proc.stdout
+    assert f"run directory: {run_dir}" in proc.stdout
+    # 4 batches × 2 optimizer steps: the end-of-training grid is named after the last global step
+    assert grids[-1].name == "step_0000008.png"
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    assert saved.task_name == "smoke" and saved.clip.model_cfg.vision_cfg.layers == 4
+    assert not (tmp_path / "outputs").exists()  # hydra.run.dir was honoured
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+def test_experiment_configs_exist():
+    assert "smoke" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(name, compose):
+    cfg = compose([f"experiment={name}"])
+    validate(cfg)
+    for group in ("data", "clip", "model", "optim", "trainer"):
+        assert group in cfg, group
+    assert "_target_" in cfg.clip and "_target_" in cfg.data and "_target_" in cfg.trainer
+    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (outside hydra.runtime)
+
+
+def test_default_config_composes_and_validates(compose):
+    cfg = compose([])
+    validate(cfg)
+    assert cfg.clip.name == "ViT-B-32-quickgelu" and list(cfg.model.tap_blocks) == [1, 4, 8]
+    assert list(cfg.model.generator.prompt_blocks) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("form", ["+experiment=smoke", "experiment=smoke"])
+def test_both_experiment_forms_select_it(form, compose):
+    cfg = compose([form])
+    assert cfg.task_name == "smoke"
+    assert cfg.clip.model_cfg.vision_cfg.layers == 4
+
+
+def test_both_forms_compose_to_the_same_config(tmp_path):
+    from conftest import compose_config
+
+    plus = compose_config(["+experiment=smoke"], output_dir=tmp_path)
+    bare = compose_config(["experiment=smoke"], output_dir=tmp_path)
+    assert OmegaConf.to_container(plus) == OmegaConf.to_container(bare)
+
+
+def test_plain_hydra_refuses_plus_form_for_slot_groups(tmp_path):
+    """Why normalize_slot_overrides exists: a group with a ``null`` default cannot be ``+``-appended."""
+    from hydra import compose, initialize_config_dir
+
+    with (
+        initialize_config_dir(str(CONF_DIR), version_base="1.3"),
+        pytest.raises(ConfigCompositionException, match="experiment"),
+    ):
+        compose("train", overrides=["+experiment=smoke", f"paths.output_dir={tmp_path}"])
+
+
+def test_normalize_slot_overrides():
+    argv = ["galip/train.py", "+experiment=smoke", "+debug=fast", "+ablation=x", "+trainer.foo=1", "seed=3"]
+    assert normalize_slot_overrides(argv) == [
+        "galip/train.py",
+        "experiment=smoke",
+        "debug=fast",
+        "ablation=x",
+        "+trainer.foo=1",
+        "seed=3",
+    ]
+    assert set(SLOT_GROUPS) == {"experiment", "ablation", "debug"}
+    assert normalize_slot_overrides(["experiment=smoke", "++experiment=x"]) == [
+        "experiment=smoke",
+        "++experiment=x",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.tap_blocks=[1,2,9]", "model.tap_blocks"),
+        ("model.tap_blocks=[]", "model.tap_blocks"),
+        ("model.tap_blocks=[1,1,2]", "model.tap_blocks"),
+        ("model.generator.prompt_blocks=[0,4]", "model.generator.prompt_blocks"),
+        ("model.generator.prompt_blocks=[-1]", "model.generator.prompt_blocks"),
+    ],
+)
+def test_validate_rejects_blocks_outside_the_clip(override, key, compose):
+    cfg = compose(["+experiment=smoke", override])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert key in message and "\n" not in message
+
+
+def test_validate_uses_the_clip_depth_not_a_constant(compose):
+    validate(compose(["model.tap_blocks=[1,4,11]"]))  # ViT-B/32: 12 blocks
+    with pytest.raises(ConfigError, match="model.tap_blocks"):
+        validate(compose(["+experiment=smoke", "model.tap_blocks=[1,2,4]"]))  # tiny: 4 blocks
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors from the real command
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_tap_blocks_gives_one_line_error_and_exit_2(tmp_path):
+    proc = run_train(
+        ["+experiment=smoke", "model.tap_blocks=[1,2,9]", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("galip: config error:")]
+    assert len(errors) == 1, proc.stderr
+    assert "model.tap_blocks" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was built
+
+
+def test_unknown_experiment_fails_naming_the_group(tmp_path):
+    proc = run_train(["+experiment=nope", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode != 0
+    assert "experiment" in proc.stderr
+    assert "nope" in proc.stderr
