@@ -62,16 +62,22 @@ def read_export(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, An
             header_len = int.from_bytes(fh.read(8), "little")
             meta = json.loads(fh.read(header_len)).get("__metadata__", {})
     except (SafetensorError, ValueError, OSError) as err:
-        raise ValueError(f"{path} is not a readable galip generator export (corrupt or truncated?): {err}") from err
+        raise ValueError(
+            f"{path} is not a readable galip generator export (corrupt or truncated?): {err}"
+        ) from err
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is a safetensors file but not a galip generator export (format={meta.get('format')})")
+        raise ValueError(
+            f"{path} is a safetensors file but not a galip generator export (format={meta.get('format')})"
+        )
     return state, {**meta, "generator": json.loads(meta["generator"]), "clip": json.loads(meta["clip"])}
 
 
 def build_generator(path: str | Path, clip: FrozenCLIP | None = None, **clip_overrides: Any) -> Generator:
     """Rebuild the exported generator (and its CLIP, unless one is given) with the exported weights."""
     state, meta = read_export(path)
-    clip_state = {k[len(CLIP_PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(CLIP_PREFIX)]}
+    clip_state = {
+        k[len(CLIP_PREFIX) :]: state.pop(k) for k in [k for k in state if k.startswith(CLIP_PREFIX)]
+    }
     if clip is None:
         clip = load_clip(**{**meta["clip"], **clip_overrides})
         if clip_state:
@@ -116,14 +122,18 @@ def map_keys(state: dict[str, torch.Tensor], table, what: str) -> dict[str, torc
             continue
         out[rule[1] + key[len(rule[0]) :]] = value
     if unknown:
-        raise KeyError(f"{what}: keys with no mapping to galip: {unknown[:8]}{' …' if len(unknown) > 8 else ''}")
+        raise KeyError(
+            f"{what}: keys with no mapping to galip: {unknown[:8]}{' …' if len(unknown) > 8 else ''}"
+        )
     return {k.replace(".c_sc.", ".shortcut."): v for k, v in out.items()}
 
 
 def official_generator_state(net_g: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """Split the official netG state into (our generator's state, the frozen CLIP copy's state)."""
     net_g = strip_module_prefix(net_g)
-    clip_copy = {k[len(OFFICIAL_CLIP_COPY) :]: v for k, v in net_g.items() if k.startswith(OFFICIAL_CLIP_COPY)}
+    clip_copy = {
+        k[len(OFFICIAL_CLIP_COPY) :]: v for k, v in net_g.items() if k.startswith(OFFICIAL_CLIP_COPY)
+    }
     own = {k: v for k, v in net_g.items() if not k.startswith(OFFICIAL_CLIP_COPY)}
     return {k: v.float() for k, v in map_keys(own, OFFICIAL_G_MAP, "netG").items()}, clip_copy
 
@@ -131,8 +141,13 @@ def official_generator_state(net_g: dict[str, torch.Tensor]) -> tuple[dict, dict
 def official_discriminator_state(net_d: dict[str, torch.Tensor], net_c: dict[str, torch.Tensor]) -> dict:
     """netD + netC -> our Discriminator; DBlocks' never-used ``conv_s`` (same in and out width) is dropped."""
     net_d = strip_module_prefix(net_d)
-    state = {**map_keys(net_d, OFFICIAL_D_MAP, "netD"), **map_keys(strip_module_prefix(net_c), OFFICIAL_C_MAP, "netC")}
-    return {k: v.float() for k, v in state.items() if not (k.startswith("extractor.blocks.") and ".conv_s." in k)}
+    state = {
+        **map_keys(net_d, OFFICIAL_D_MAP, "netD"),
+        **map_keys(strip_module_prefix(net_c), OFFICIAL_C_MAP, "netC"),
+    }
+    return {
+        k: v.float() for k, v in state.items() if not (k.startswith("extractor.blocks.") and ".conv_s." in k)
+    }
 
 
 def load_official(path: str | Path) -> dict[str, Any]:
@@ -143,14 +158,21 @@ def load_official(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"{path} could not be read as a GALIP checkpoint (corrupt or truncated?): {err}") from err
+        raise ValueError(
+            f"{path} could not be read as a GALIP checkpoint (corrupt or truncated?): {err}"
+        ) from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "netG" not in ckpt["model"]:
-        raise ValueError(f"{path} is not an official GALIP checkpoint: expected {{'model': {{'netG', 'netD', 'netC'}}}}")
+        raise ValueError(
+            f"{path} is not an official GALIP checkpoint: expected {{'model': {{'netG', 'netD', 'netC'}}}}"
+        )
     return ckpt
 
 
 def import_official(
-    path: str | Path, generator: Generator, discriminator: torch.nn.Module | None = None, check_clip: bool = True
+    path: str | Path,
+    generator: Generator,
+    discriminator: torch.nn.Module | None = None,
+    check_clip: bool = True,
 ) -> dict[str, Any]:
     """Load official weights into our modules, strictly (missing or unexpected keys are errors that name them).
 
@@ -163,7 +185,11 @@ def import_official(
     if check_clip and clip_copy:
         _check_clip_copy(generator.clip, clip_copy)
     if discriminator is not None:
-        _load_strict(discriminator, official_discriminator_state(ckpt["model"]["netD"], ckpt["model"]["netC"]), "netD/netC")
+        _load_strict(
+            discriminator,
+            official_discriminator_state(ckpt["model"]["netD"], ckpt["model"]["netC"]),
+            "netD/netC",
+        )
     return {"epoch": ckpt.get("epoch")}
 
 
@@ -185,7 +211,9 @@ def _check_clip_copy(clip: FrozenCLIP, clip_copy: dict[str, torch.Tensor]) -> No
             )
 
 
-def to_official(generator: Generator, discriminator: torch.nn.Module, ddp_prefix: bool = True) -> dict[str, Any]:
+def to_official(
+    generator: Generator, discriminator: torch.nn.Module, ddp_prefix: bool = True
+) -> dict[str, Any]:
     """Our weights in the official layout (the inverse of :func:`import_official`): for round-trip tests and
     for running the official code on weights trained here. The unused official parameters (CLIP ``conv1``
     copy is included, DBlocks' ``conv_s``) are filled as the official code would hold them."""
@@ -199,7 +227,9 @@ def to_official(generator: Generator, discriminator: torch.nn.Module, ddp_prefix
         return out
 
     net_g = invert(generator.state_dict(), OFFICIAL_G_MAP)
-    net_g.update({OFFICIAL_CLIP_COPY + k: v for k, v in generator.clip.visual.state_dict().items() if _in_clip_copy(k)})
+    net_g.update(
+        {OFFICIAL_CLIP_COPY + k: v for k, v in generator.clip.visual.state_dict().items() if _in_clip_copy(k)}
+    )
     d_state = discriminator.state_dict()
     net_d = invert({k: v for k, v in d_state.items() if k.startswith("extractor.")}, OFFICIAL_D_MAP)
     for key in [k for k in net_d if k.startswith("DBlocks.") and k.endswith(".conv_r.0.weight")]:
@@ -208,7 +238,10 @@ def to_official(generator: Generator, discriminator: torch.nn.Module, ddp_prefix
         net_d[f"{block}.conv_s.bias"] = torch.zeros(width)
     net_c = invert({k: v for k, v in d_state.items() if k.startswith("assessor.")}, OFFICIAL_C_MAP)
     prefix = "module." if ddp_prefix else ""
-    model = {name: {prefix + k: v for k, v in sd.items()} for name, sd in (("netG", net_g), ("netD", net_d), ("netC", net_c))}
+    model = {
+        name: {prefix + k: v for k, v in sd.items()}
+        for name, sd in (("netG", net_g), ("netD", net_d), ("netC", net_c))
+    }
     return {"model": model, "epoch": 0}
 
 

@@ -24,6 +24,8 @@ def _check_indices(key: str, blocks, depth: int, allow_empty: bool = True) -> No
         raise ConfigError(f"{key} is empty: D needs at least one CLIP block to read")
     bad = [b for b in blocks if not 0 <= int(b) < depth]
     if bad:
-        raise ConfigError(f"{key}={blocks}: {bad} beyond the CLIP depth ({depth} blocks, 0-based 0..{depth - 1})")
+        raise ConfigError(
+            f"{key}={blocks}: {bad} beyond the CLIP depth ({depth} blocks, 0-based 0..{depth - 1})"
+        )
     if len(set(blocks)) != len(blocks):
         raise ConfigError(f"{key}={blocks}: repeated block")

@@ -62,12 +62,19 @@ def discriminator_loss(
     real: torch.Tensor, fake: torch.Tensor, mismatched: torch.Tensor, penalty: torch.Tensor
 ) -> dict[str, torch.Tensor]:
     """All D terms and their weighted total (``loss``)."""
-    terms = {"real": hinge_real(real), "fake": hinge_fake(fake), "mismatch": hinge_fake(mismatched), "magp": penalty}
+    terms = {
+        "real": hinge_real(real),
+        "fake": hinge_fake(fake),
+        "mismatch": hinge_fake(mismatched),
+        "magp": penalty,
+    }
     terms["loss"] = terms["real"] + 0.5 * (terms["fake"] + terms["mismatch"]) + penalty
     return terms
 
 
-def generator_loss(fake: torch.Tensor, similarity: torch.Tensor, sim_weight: float = 4.0) -> dict[str, torch.Tensor]:
+def generator_loss(
+    fake: torch.Tensor, similarity: torch.Tensor, sim_weight: float = 4.0
+) -> dict[str, torch.Tensor]:
     """All G terms and their weighted total (``loss``)."""
     adv = generator_adversarial(fake)
     return {"adv": adv, "sim": similarity, "loss": adv - sim_weight * similarity}

@@ -148,7 +148,9 @@ class GALIPModule(L.LightningModule):
         values.update({f"g/{k}": v.detach() for k, v in g_terms.items()})
         values["kimg"] = self.images_seen / 1000.0
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
-        self.log_dict({"d_loss": values["d/loss"], "g_loss": values["g/loss"]}, prog_bar=True, batch_size=batch_size)
+        self.log_dict(
+            {"d_loss": values["d/loss"], "g_loss": values["g/loss"]}, prog_bar=True, batch_size=batch_size
+        )
 
     @torch.no_grad()
     def update_ema(self, batch_images: int) -> None:
@@ -183,7 +185,9 @@ class GALIPModule(L.LightningModule):
     # -- checkpoints: the frozen CLIP is rebuilt from the config, not stored in every file -----
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("clip.")}
+        checkpoint["state_dict"] = {
+            k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("clip.")
+        }
         checkpoint["images_seen"] = self.images_seen
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -44,7 +44,9 @@ class Sampler:
         ]
         return torch.cat(out)
 
-    def generate(self, prompts: Sequence[str], n: int = 1, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
+    def generate(
+        self, prompts: Sequence[str], n: int = 1, seed: int = 0, batch_size: int = 16
+    ) -> torch.Tensor:
         """``n`` images per prompt, prompt-major: rows [p0 × n, p1 × n, …]."""
         sent = self.sentence_vectors(prompts).repeat_interleave(n, dim=0)
         return self.from_vectors(sent, self.noise(len(prompts) * n, seed), batch_size)
@@ -83,7 +85,9 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) * a + torch.sin(t * omega) * b) / torch.sin(omega)
 
 
-def interpolate_prompts(sampler: Sampler, prompts: Sequence[str], steps: int = 8, seed: int = 0) -> torch.Tensor:
+def interpolate_prompts(
+    sampler: Sampler, prompts: Sequence[str], steps: int = 8, seed: int = 0
+) -> torch.Tensor:
     """Fixed noise, sentence vectors blended between 2 prompts (a row) or 4 prompts (a steps × steps grid,
     corners in reading order). Endpoints are exactly the prompts' own samples."""
     sent = sampler.sentence_vectors(prompts).cpu()
@@ -100,7 +104,9 @@ def interpolate_prompts(sampler: Sampler, prompts: Sequence[str], steps: int = 8
     return sampler.from_vectors(mix, noise)
 
 
-def interpolate_noise(sampler: Sampler, prompt: str, steps: int = 8, seeds: tuple[int, int] = (0, 1)) -> torch.Tensor:
+def interpolate_noise(
+    sampler: Sampler, prompt: str, steps: int = 8, seeds: tuple[int, int] = (0, 1)
+) -> torch.Tensor:
     """Fixed prompt, noise slerped between the first noise of two seeds (content fixed, "style" varies)."""
     a, b = sampler.noise(1, seeds[0]), sampler.noise(1, seeds[1])
     noise = slerp(a.expand(steps, -1), b.expand(steps, -1), lerp_weights(steps))

@@ -61,7 +61,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     log_hyperparameters(cfg, module, trainer)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     if trainer.is_global_zero:
-        export = export_generator(module.sampling_generator, Path(cfg.paths.output_dir) / "generator.safetensors", cfg.clip)
+        export = export_generator(
+            module.sampling_generator, Path(cfg.paths.output_dir) / "generator.safetensors", cfg.clip
+        )
         log.info(f"generator export: {export}")
     report(cfg, trainer, callbacks)
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -83,7 +85,9 @@ def report(cfg: DictConfig, trainer: L.Trainer, callbacks: list[Any]) -> None:
         lines.append(f"checkpoint:    {ckpt.last_model_path}")
     grids = [cb.last_path for cb in callbacks if getattr(cb, "last_path", None)]
     lines += [f"sample grid:   {p}" for p in grids]
-    lines.append(f"generator:     {out / 'generator.safetensors'}  (python -m galip.sample ckpt=… prompts='[…]')")
+    lines.append(
+        f"generator:     {out / 'generator.safetensors'}  (python -m galip.sample ckpt=… prompts='[…]')"
+    )
     if trainer.is_global_zero:
         print("\n".join(lines), flush=True)
 

@@ -64,7 +64,9 @@ def model_config(name: str | None = None, model_cfg: Mapping | None = None) -> d
         return _to_plain(model_cfg)
     cfg = open_clip.get_model_config(name)
     if cfg is None:
-        raise ValueError(f"clip.name={name!r} is not an open_clip model; known: {', '.join(open_clip.list_models())}")
+        raise ValueError(
+            f"clip.name={name!r} is not an open_clip model; known: {', '.join(open_clip.list_models())}"
+        )
     return cfg
 
 
@@ -150,7 +152,9 @@ def _cached_hf_file(hf_hub: str, cache_dir: str | None) -> str | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    repo_id, filename = os.path.split(hf_hub.rstrip("/")) if not hf_hub.endswith("/") else (hf_hub.rstrip("/"), "")
+    repo_id, filename = (
+        os.path.split(hf_hub.rstrip("/")) if not hf_hub.endswith("/") else (hf_hub.rstrip("/"), "")
+    )
     for candidate in [filename] if filename else _HF_WEIGHT_FILES:
         hit = try_to_load_from_cache(repo_id, candidate, cache_dir=cache_dir)
         if isinstance(hit, str):
@@ -244,7 +248,9 @@ class FrozenCLIP(nn.Module):
             width=visual.class_embedding.shape[-1],
             grid=visual.grid_size[0],
             depth=len(visual.transformer.resblocks),
-            embed_dim=model.text_projection.shape[-1] if model.text_projection is not None else model.embed_dim,
+            embed_dim=model.text_projection.shape[-1]
+            if model.text_projection is not None
+            else model.embed_dim,
             image_size=visual.image_size[0],
             context_length=model.context_length,
         )
@@ -258,7 +264,7 @@ class FrozenCLIP(nn.Module):
         self.resize_mode = "bilinear"
         super().train(False)  # the wrapper itself too: nn.Module.__init__ left it in training mode
 
-    def train(self, mode: bool = True) -> FrozenCLIP:  # noqa: ARG002 - frozen: never leaves eval mode
+    def train(self, mode: bool = True) -> FrozenCLIP:  # frozen: never leaves eval mode
         return super().train(False)
 
     @property

@@ -50,7 +50,9 @@ class QualityAssessor(nn.Module):
 class Discriminator(nn.Module):
     """Mate-D: the learnable part of GALIP's discriminator (the frozen CLIP stays outside)."""
 
-    def __init__(self, width: int, grid: int, embed_dim: int, n_taps: int = 3, out_ch: int = 512, hidden: int = 128):
+    def __init__(
+        self, width: int, grid: int, embed_dim: int, n_taps: int = 3, out_ch: int = 512, hidden: int = 128
+    ):
         super().__init__()
         self.extractor = CLIPFeatureExtractor(width, n_taps, out_ch)
         self.assessor = QualityAssessor(out_ch, embed_dim, grid, hidden)

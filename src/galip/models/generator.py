@@ -1,10 +1,10 @@
 """The CLIP-empowered generator (paper §3.3; reference §1.4).
 
-    cond = [z; s]
-    bridge = BridgeFeaturePredictor(z, cond)                        # [B, width, grid, grid]
-    prompts = PromptPredictor(cond)                                  # one token per prompted block
-    seed = conv(bridge + 0.1 · CLIP-ViT(bridge, prompts))            # frozen CLIP as a mapper
-    image = ImageDecoder(seed, cond)                                 # GBlocks up to CLIP's input size
+cond = [z; s]
+bridge = BridgeFeaturePredictor(z, cond)                        # [B, width, grid, grid]
+prompts = PromptPredictor(cond)                                  # one token per prompted block
+seed = conv(bridge + 0.1 · CLIP-ViT(bridge, prompts))            # frozen CLIP as a mapper
+image = ImageDecoder(seed, cond)                                 # GBlocks up to CLIP's input size
 """
 
 from __future__ import annotations
@@ -24,7 +24,14 @@ class BridgeFeaturePredictor(nn.Module):
     """Noise -> (code_ch, grid, grid) -> text-fused residual blocks -> conv to CLIP width."""
 
     def __init__(
-        self, nz: int, cond_dim: int, grid: int, width: int, code_ch: int = 64, mid_ch: int = 32, n_blocks: int = 4
+        self,
+        nz: int,
+        cond_dim: int,
+        grid: int,
+        width: int,
+        code_ch: int = 64,
+        mid_ch: int = 32,
+        n_blocks: int = 4,
     ):
         super().__init__()
         self.code_ch, self.grid = code_ch, grid
@@ -77,7 +84,8 @@ class ImageDecoder(nn.Module):
         chans = decoder_channels(ngf, len(sizes))
         self.stem = nn.Conv2d(width, chans[0], 5, 1, 2)
         self.blocks = nn.ModuleList(
-            GBlock(cond_dim, c_in, c_out, size) for c_in, c_out, size in zip(chans[:-1], chans[1:], sizes, strict=True)
+            GBlock(cond_dim, c_in, c_out, size)
+            for c_in, c_out, size in zip(chans[:-1], chans[1:], sizes, strict=True)
         )
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, 1, 1)
 
@@ -116,16 +124,26 @@ class Generator(nn.Module):
         geo = clip.geometry
         _check_blocks("prompt_blocks", prompt_blocks, geo.depth)
         # Constructor arguments (without the CLIP): enough to rebuild this generator around a CLIP.
-        self.config = dict(
-            nz=nz, ngf=ngf, code_ch=code_ch, mid_ch=mid_ch, n_fusion_blocks=n_fusion_blocks,
-            prompt_blocks=list(prompt_blocks), use_clip_mapper=use_clip_mapper, mapped_scale=mapped_scale,
-        )
+        self.config = {
+            "nz": nz,
+            "ngf": ngf,
+            "code_ch": code_ch,
+            "mid_ch": mid_ch,
+            "n_fusion_blocks": n_fusion_blocks,
+            "prompt_blocks": list(prompt_blocks),
+            "use_clip_mapper": use_clip_mapper,
+            "mapped_scale": mapped_scale,
+        }
         self._clip = (clip,)  # a tuple hides it from nn.Module registration
         self.nz, self.mapped_scale, self.use_clip_mapper = nz, mapped_scale, use_clip_mapper
         self.prompt_blocks = tuple(prompt_blocks) if use_clip_mapper else ()
         cond_dim = nz + geo.embed_dim
-        self.bridge = BridgeFeaturePredictor(nz, cond_dim, geo.grid, geo.width, code_ch, mid_ch, n_fusion_blocks)
-        self.prompts = PromptPredictor(cond_dim, len(self.prompt_blocks), geo.width) if self.prompt_blocks else None
+        self.bridge = BridgeFeaturePredictor(
+            nz, cond_dim, geo.grid, geo.width, code_ch, mid_ch, n_fusion_blocks
+        )
+        self.prompts = (
+            PromptPredictor(cond_dim, len(self.prompt_blocks), geo.width) if self.prompt_blocks else None
+        )
         self.decoder = ImageDecoder(cond_dim, geo.width, geo.grid, geo.image_size, ngf)
 
     @property
@@ -146,4 +164,6 @@ class Generator(nn.Module):
 def _check_blocks(key: str, blocks: Sequence[int], depth: int) -> None:
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:
-        raise ValueError(f"{key}={list(blocks)}: {bad} outside the CLIP's {depth} blocks (0-based 0..{depth - 1})")
+        raise ValueError(
+            f"{key}={list(blocks)}: {bad} outside the CLIP's {depth} blocks (0-based 0..{depth - 1})"
+        )
