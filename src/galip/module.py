@@ -130,7 +130,7 @@ class GALIPModule(L.LightningModule):
         with torch.autocast(device_type=self.device.type, enabled=False):
             d_real = self.discriminator(real_taps.float(), sent_in.float())
             penalty = losses.magp(d_real, (real_taps, sent_in), self.magp_k, self.magp_p)
-        d_mis = self.discriminator(real_taps, losses.mismatch(sent))
+        d_mis = self.discriminator(real_taps.detach(), losses.mismatch(sent))
         d_fake = self.discriminator(fake_taps, sent)
         return losses.discriminator_loss(d_real, d_fake, d_mis, penalty)
 
