@@ -26,9 +26,21 @@ def config_key(config: Mapping[str, Any], length: int = 12) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
 
 
+# Artefacts the repository ships (made by its own commands, a few MB), found before the cache.
+SHIPPED_ROOT = Path(__file__).parent / "assets"
+
+
 def artefact_dir(kind: str, config: Mapping[str, Any], root: str | os.PathLike | None = None) -> Path:
-    """Where the artefact of ``kind`` produced by ``config`` lives (not created)."""
-    return Path(root or cache_root()) / kind / config_key(config)
+    """Where the artefact of ``kind`` produced by ``config`` lives (not created).
+
+    A shipped copy with the same config key (``galip/assets/<kind>/<key>/``) wins, so a fresh clone can
+    skip rebuilding it; ``GALIP_NO_SHIPPED=1`` ignores shipped copies (to rebuild from scratch).
+    """
+    key = config_key(config)
+    shipped = SHIPPED_ROOT / kind / key
+    if os.environ.get("GALIP_NO_SHIPPED", "0") in ("0", "") and (shipped / "config.json").is_file():
+        return shipped
+    return Path(root or cache_root()) / kind / key
 
 
 def write_config(directory: Path, config: Mapping[str, Any]) -> None:

@@ -19,6 +19,7 @@ from galip.checkpoints import export_generator
 from galip.clip import FrozenCLIP
 from galip.config import ConfigError, validate
 from galip.module import GALIPModule
+from galip.world import register_resolvers
 
 log = logging.getLogger("galip.train")
 
@@ -110,6 +111,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     return metrics.get(cfg.get("optimized_metric", "")) if cfg.get("optimized_metric") else None
 
+
+register_resolvers()
 
 if __name__ == "__main__":
     sys.argv = normalize_slot_overrides(sys.argv)
