@@ -46,8 +46,12 @@ def export_generator(generator: Generator, path: str | Path, clip_spec: Mapping[
         state.update({f"{CLIP_PREFIX}{k}": v for k, v in generator.clip.model.state_dict().items()})
     state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(path)  # atomic: a crash mid-write never leaves a half file under the final name
+    try:
+        save_file(state, str(tmp), metadata=metadata)
+        tmp.replace(path)  # atomic: a crash mid-write never leaves a half file under the final name
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -204,6 +208,8 @@ def _check_clip_copy(clip: FrozenCLIP, clip_copy: dict[str, torch.Tensor]) -> No
     for key, value in clip_copy.items():
         if key not in ours:
             raise KeyError(f"netG.{OFFICIAL_CLIP_COPY}{key}: not a parameter of this CLIP's visual tower")
+        if torch.equal(ours[key].to(value.dtype), value):  # same weights (fp32, or fp16 as clip.load casts)
+            continue
         if not torch.allclose(ours[key].float(), value.float(), atol=1e-2, rtol=1e-2):
             raise ValueError(
                 f"netG.{OFFICIAL_CLIP_COPY}{key} differs from the loaded CLIP: the checkpoint was trained with other "

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from galip.sampling import Sampler, interpolate_noise, interpolate_prompts, save_gif, save_grid
 
@@ -31,6 +31,9 @@ def interpolate(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="interpolate")
 def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        print("galip: ckpt=PATH is required (a generator export: <run dir>/generator.safetensors)", file=sys.stderr)
+        sys.exit(2)
     try:
         interpolate(cfg)
     except (FileNotFoundError, ValueError) as err:

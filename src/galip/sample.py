@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from galip.sampling import Sampler, save_grid, save_singles
 
@@ -29,6 +29,9 @@ def sample(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        print("galip: ckpt=PATH is required (a generator export: <run dir>/generator.safetensors)", file=sys.stderr)
+        sys.exit(2)
     try:
         sample(cfg)
     except (FileNotFoundError, ValueError) as err:

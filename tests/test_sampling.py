@@ -1,0 +1,289 @@
+"""Sampling from a generator export: determinism, ordering, interpolation endpoints, image files, the CLIs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import galip
+from conftest import CONF_DIR, TINY_CLIP_CFG
+from galip.checkpoints import export_generator
+from galip.models import Generator
+from galip.sampling import (
+    Sampler,
+    interpolate_noise,
+    interpolate_prompts,
+    lerp_weights,
+    save_gif,
+    save_grid,
+    save_singles,
+    slerp,
+)
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+SIZE = 64  # the tiny CLIP's input size, hence the generator's output size
+
+
+@pytest.fixture(scope="module")
+def export_path(tiny_clip, tmp_path_factory) -> Path:
+    """A tiny generator (ngf=16) with every weight moved off its init, exported once for this module."""
+    torch.manual_seed(0)
+    g = Generator(tiny_clip, ngf=16, prompt_blocks=[1, 2])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    spec = {"name": None, "model_cfg": TINY_CLIP_CFG}
+    return export_generator(g, tmp_path_factory.mktemp("export") / "generator.safetensors", spec)
+
+
+@pytest.fixture(scope="module")
+def sampler(export_path) -> Sampler:
+    return Sampler.from_export(export_path)
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal up to batching (a conv over 1 or 16 rows may sum in another order)."""
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------------------------
+
+
+def test_generate_is_deterministic_for_a_seed(sampler):
+    a = sampler.generate(PROMPTS[:2], n=2, seed=7)
+    b = sampler.generate(PROMPTS[:2], n=2, seed=7)
+    assert torch.equal(a, b)
+    c = sampler.generate(PROMPTS[:2], n=2, seed=8)
+    assert (a - c).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every image changes with the seed
+
+
+def test_generate_is_batch_size_independent(sampler):
+    one = sampler.generate(PROMPTS[:2], n=2, seed=3, batch_size=1)
+    many = sampler.generate(PROMPTS[:2], n=2, seed=3, batch_size=16)
+    odd = sampler.generate(PROMPTS[:2], n=2, seed=3, batch_size=3)  # a ragged last batch
+    close(one, many)
+    close(odd, many)
+
+
+def test_generate_shape_order_and_range(sampler):
+    n, seed = 3, 11
+    images = sampler.generate(PROMPTS[:2], n=n, seed=seed)
+    assert images.shape == (2 * n, 3, SIZE, SIZE)
+    assert images.dtype == torch.float32
+    assert images.min() >= -1 and images.max() <= 1
+    # prompt-major: rows [p0 × n, p1 × n], each with its own row of the seed's noise
+    sent, noise = sampler.sentence_vectors(PROMPTS[:2]), sampler.noise(2 * n, seed)
+    for p in range(2):
+        rows = slice(p * n, (p + 1) * n)
+        expected = sampler.from_vectors(sent[p : p + 1].expand(n, -1), noise[rows])
+        close(images[rows], expected)
+    assert not torch.allclose(images[0], images[1])  # different noise within a prompt
+    assert not torch.allclose(images[0], images[n])  # same noise row index, other prompt
+
+
+def test_load_generator_returns_a_sampler(export_path, sampler):
+    loaded = galip.load_generator(export_path)
+    assert isinstance(loaded, Sampler)
+    assert loaded.device == torch.device("cpu")
+    assert torch.equal(loaded.generate(PROMPTS[:1], n=2, seed=1), sampler.generate(PROMPTS[:1], n=2, seed=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interpolation
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prompt_interpolation_endpoints_are_the_prompts_samples(sampler):
+    seed, steps = 4, 5
+    images = interpolate_prompts(sampler, PROMPTS[:2], steps=steps, seed=seed)
+    assert images.shape == (steps, 3, SIZE, SIZE)
+    sent, noise = sampler.sentence_vectors(PROMPTS[:2]), sampler.noise(1, seed)
+    for index, p in ((0, 0), (-1, 1)):
+        close(images[index], sampler.from_vectors(sent[p : p + 1], noise)[0])
+        close(images[index], sampler.generate([PROMPTS[p]], n=1, seed=seed)[0])
+    assert not torch.allclose(images[0], images[steps // 2])
+
+
+def test_four_prompt_grid_corners(sampler):
+    seed, steps = 2, 3
+    images = interpolate_prompts(sampler, PROMPTS, steps=steps, seed=seed)
+    assert images.shape == (steps * steps, 3, SIZE, SIZE)
+    corners = [0, steps - 1, steps * (steps - 1), steps * steps - 1]  # reading order
+    direct = torch.cat([sampler.generate([p], n=1, seed=seed) for p in PROMPTS])
+    for corner, expected in zip(corners, direct, strict=True):
+        close(images[corner], expected)
+
+
+def test_noise_interpolation_endpoints_are_the_seeds_samples(sampler):
+    steps, seeds = 4, (5, 6)
+    images = interpolate_noise(sampler, PROMPTS[0], steps=steps, seeds=seeds)
+    assert images.shape == (steps, 3, SIZE, SIZE)
+    sent = sampler.sentence_vectors(PROMPTS[:1])
+    close(images[0], sampler.from_vectors(sent, sampler.noise(1, seeds[0]))[0])
+    close(images[-1], sampler.from_vectors(sent, sampler.noise(1, seeds[1]))[0])
+    close(images[0], sampler.generate(PROMPTS[:1], n=1, seed=seeds[0])[0])
+
+
+def test_slerp_endpoints_and_norm():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 100, generator=gen), torch.randn(1, 100, generator=gen)
+    out = slerp(a.expand(9, -1), b.expand(9, -1), lerp_weights(9))
+    torch.testing.assert_close(out[0], a[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out[-1], b[0], rtol=1e-6, atol=1e-7)
+    # between equal-norm endpoints slerp stays on the sphere (a lerp would shrink towards the middle)
+    b = b / b.norm() * a.norm()
+    out = slerp(a.expand(9, -1), b.expand(9, -1), lerp_weights(9))
+    torch.testing.assert_close(out.norm(dim=-1), a.norm().expand(9), rtol=1e-5, atol=0)
+
+
+def test_slerp_endpoints_are_bitwise_exact():
+    misses = 0
+    for seed in range(20):
+        gen = torch.Generator().manual_seed(seed)
+        a, b = torch.randn(1, 100, generator=gen), torch.randn(1, 100, generator=gen)
+        out = slerp(a.expand(3, -1), b.expand(3, -1), lerp_weights(3))
+        misses += (not torch.equal(out[0], a[0])) + (not torch.equal(out[-1], b[0]))
+    assert misses == 0
+
+
+def test_interpolation_takes_two_or_four_prompts(sampler):
+    with pytest.raises(ValueError, match="2 or 4 prompts, got 3"):
+        interpolate_prompts(sampler, PROMPTS[:3], steps=2)
+    with pytest.raises(ValueError, match="got 1"):
+        interpolate_prompts(sampler, PROMPTS[:1], steps=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files
+# ---------------------------------------------------------------------------------------------
+
+
+def random_images(count: int, size: int = 16) -> torch.Tensor:
+    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(count)) * 2 - 1
+
+
+@pytest.mark.parametrize(("bounce", "frames"), [(True, 4 + 2), (False, 4)])
+def test_save_gif_is_animated(tmp_path, bounce, frames):
+    path = save_gif(random_images(4), tmp_path / "deep" / "walk.gif", bounce=bounce)
+    with Image.open(path) as gif:
+        assert gif.format == "GIF" and gif.is_animated
+        assert gif.n_frames == frames
+        assert gif.size == (16, 16)
+
+
+def test_save_grid_and_singles(tmp_path):
+    images = random_images(6)
+    grid = save_grid(images, tmp_path / "a" / "grid.png", nrow=3)
+    with Image.open(grid) as im:
+        assert im.size == (3 * 16 + 4 * 2, 2 * 16 + 3 * 2)  # torchvision's 2 px padding
+    singles = save_singles(images, tmp_path / "b", stem="001")
+    assert [p.name for p in singles] == [f"001_{i:04d}.png" for i in range(6)]
+    for path in singles:
+        with Image.open(path) as im:
+            assert im.size == (16, 16) and im.mode == "RGB"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines
+# ---------------------------------------------------------------------------------------------
+
+
+def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_sample_cli(export_path, tmp_path):
+    out = tmp_path / "samples"
+    proc = run_cli(
+        "galip.sample", [f"ckpt={export_path}", 'prompts=["a","b"]', "n=2", f"out_dir={out}"], tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    assert files == [
+        "000_0000.png",
+        "000_0001.png",
+        "001_0000.png",
+        "001_0001.png",
+        "grid.png",
+        "prompts.txt",
+    ]
+    assert (out / "prompts.txt").read_text() == "a\nb\n"
+    with Image.open(out / "grid.png") as im:
+        assert im.size == (2 * SIZE + 3 * 2, 2 * SIZE + 3 * 2)
+    assert "4 images (2 per prompt, seed 0)" in proc.stdout
+    assert not (tmp_path / "outputs").exists()  # hydra.run.dir is "." and no .hydra subdir
+
+
+def test_sample_cli_missing_checkpoint(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    proc = run_cli("galip.sample", [f"ckpt={missing}", f"out_dir={tmp_path / 'out'}"], tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("galip: ") and lines[0].endswith("does not exist")
+    assert str(missing) in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_interpolate_cli(export_path, tmp_path):
+    out = tmp_path / "interp"
+    args = [f"ckpt={export_path}", 'prompts=["a red circle","a blue square"]', "steps=3", f"out_dir={out}"]
+    proc = run_cli("galip.interpolate", args, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "interpolation.gif"]
+    with Image.open(out / "grid.png") as im:
+        assert im.size == (3 * SIZE + 4 * 2, SIZE + 2 * 2)
+    with Image.open(out / "interpolation.gif") as gif:
+        assert gif.n_frames >= 3 and gif.size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("name", ["sample", "interpolate"])
+def test_cli_missing_export_in_process(name, tmp_path, capsys):
+    """The same one-line error through ``main(cfg)`` (Hydra runs a passed config directly)."""
+    import importlib
+
+    cli = importlib.import_module(f"galip.{name}")
+    cfg = compose_cli(name, [f"ckpt={tmp_path / 'nope.safetensors'}", f"out_dir={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("galip: ") and err.endswith("does not exist") and "\n" not in err
+
+
+@pytest.mark.parametrize("name", ["sample", "interpolate"])
+def test_cli_without_ckpt_is_a_one_line_error(name, tmp_path, capsys):
+    import importlib
+
+    cli = importlib.import_module(f"galip.{name}")
+    cfg = compose_cli(name, [f"out_dir={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("galip: ") and "ckpt" in err and "\n" not in err
+
+
+def compose_cli(name: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
