@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-all lint format bench clean
+.PHONY: help install demo smoke test test-slow test-all lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -20,7 +20,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with pip and install galip[dev] (no-op when up to date)
 
-demo: install ## train the smoke experiment on CPU: a checkpoint and a sample grid in outputs/
+demo: install ## GALIP on the embedded shapes world, CPU, ~15 min: grids, judge metrics, checkpoints in outputs/demo/
+	$(PY) -m galip.train +experiment=demo
+
+smoke: install ## a few training steps with a tiny random CLIP (plumbing check, ~10 s)
 	$(PY) -m galip.train +experiment=smoke
 
 test: install ## the default test suite (no slow tests, no network)
