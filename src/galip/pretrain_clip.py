@@ -8,7 +8,8 @@ in the cache (``galip.cache``), keyed by the settings that determine the weights
                        metrics.json   zero-shot val retrieval top-1, image->text and text->image, at B pairs
                        config.json    the settings the key hashes
 
-``galip.clip.load_clip(name=None, model_cfg=<the architecture>, path=<cache>/clip/<key>/clip.pt)`` loads it;
+A copy shipped in ``galip/assets/clip/<key>/`` with the same key is found first (``galip.cache``).
+``galip.clip.load_clip(name=None, model_cfg=<the architecture>, path=.../clip.pt)`` loads it;
 `ensure_shapes_clip` returns the path, training first if the artefact is missing.
 """
 
@@ -33,7 +34,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from galip.cache import artefact_dir, write_config
+from galip.cache import artefact_dir, config_key, write_config
 from galip.clip import model_config
 from galip.train import normalize_slot_overrides
 
@@ -288,6 +289,10 @@ def pretrain(cfg: DictConfig) -> tuple[ContrastiveCLIP, dict[str, float]]:
     started = time.perf_counter()
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
     train_seconds = time.perf_counter() - started
+    if trainer.interrupted or trainer.global_step < cfg.optim.steps:  # e.g. SIGTERM: Lightning stops early
+        raise RuntimeError(
+            f"pretraining stopped at step {trainer.global_step} of {cfg.optim.steps}; nothing saved"
+        )
     round_weights(module.model, getattr(torch, cfg.cache.save_dtype))
     trainer.validate(module, dataloaders=datamodule.val_dataloader(), verbose=False)
     return module, {
@@ -311,18 +316,22 @@ def save_artefact(
     return path
 
 
-def ensure(cfg: DictConfig, output_dir: str | os.PathLike | None = None) -> Path:
-    """The cached checkpoint for ``cfg``, trained and saved first if missing (or if ``cache.force``)."""
+def ensure(cfg: DictConfig, logs_beside: bool = False) -> Path:
+    """The checkpoint for ``cfg`` (shipped or cached), trained and saved first if missing (or ``cache.force``).
+
+    A new artefact always goes to the cache, never over a shipped copy. ``logs_beside``: Lightning's logs go
+    to ``<artefact>/run`` (for calls from outside a Hydra run, which has no output directory).
+    """
     config = artefact_config(cfg)
-    directory = artefact_dir("clip", config, root=cfg.paths.cache_dir)
-    path = directory / "clip.pt"
-    if path.is_file() and not cfg.cache.force:
-        report(path, "found")
-        return path
-    if output_dir is not None:  # outside a Hydra run: Lightning's logs go beside the artefact
-        OmegaConf.update(cfg, "paths.output_dir", str(output_dir))
+    found = artefact_dir("clip", config, root=cfg.paths.cache_dir) / "clip.pt"
+    if found.is_file() and not cfg.cache.force:
+        report(found, "found")
+        return found
+    directory = Path(cfg.paths.cache_dir) / "clip" / config_key(config)
+    if logs_beside:
+        OmegaConf.update(cfg, "paths.output_dir", str(directory / "run"))
     module, metrics = pretrain(cfg)
-    save_artefact(directory, module.model, metrics, config, cfg.cache.save_dtype)
+    path = save_artefact(directory, module.model, metrics, config, cfg.cache.save_dtype)
     report(path, "saved")
     return path
 
@@ -372,13 +381,11 @@ def compose_config(overrides: Sequence[str] | None = None) -> DictConfig:
 
 
 def ensure_shapes_clip(overrides: Sequence[str] | None = None) -> Path:
-    """Path of the shapes world's pretrained CLIP (``<cache>/clip/<key>/clip.pt``), training it if needed.
+    """Path of the shapes world's pretrained CLIP (shipped or ``<cache>/clip/<key>/clip.pt``), trained if needed.
 
     Load it with ``galip.clip.load_clip(name=None, model_cfg=<tiny model_cfg>, path=...)``.
     """
-    cfg = compose_config(overrides)
-    directory = artefact_dir("clip", artefact_config(cfg), root=cfg.paths.cache_dir)
-    return ensure(cfg, output_dir=directory / "run")
+    return ensure(compose_config(overrides), logs_beside=True)
 
 
 @hydra.main(version_base="1.3", config_path="conf/pretrain", config_name="clip")

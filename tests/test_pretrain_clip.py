@@ -1,0 +1,188 @@
+"""The shapes world's own CLIP: retrieval maths, learning beyond chance, a checkpoint load_clip reads back
+exactly, and a cache that finds an artefact again and keys it by config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import galip.pretrain_clip as pc
+from conftest import TINY_CLIP_CFG
+from galip.cache import SHIPPED_ROOT
+from galip.clip import load_clip
+from galip.data import ShapesWorld, Tokenized, collate
+
+# A short run: ~40 s on a quiet 2-core CPU. Retrieval among B=32 val pairs; chance is 1/32.
+B = 32
+SHORT = [
+    "optim.steps=40",
+    "optim.warmup_steps=5",
+    "optim.lr=2e-3",
+    f"data.batch_size={B}",
+    "data.n_val=128",
+    "data.num_workers=0",
+    f"eval.retrieval_batch={B}",
+    "status_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """Train once through `ensure_shapes_clip` with a spy on `pretrain` that keeps the trained module."""
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("GALIP_CACHE", str(cache))
+    trained = {}
+    real = pc.pretrain
+
+    def spy(cfg):
+        trained["module"], metrics = real(cfg)
+        return trained["module"], metrics
+
+    mp.setattr(pc, "pretrain", spy)
+    try:
+        path = pc.ensure_shapes_clip(SHORT)
+    finally:
+        mp.undo()
+    return path, trained["module"], cache
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Retrieval metric
+# ---------------------------------------------------------------------------------------------------------
+def test_retrieval_is_perfect_for_matching_features_and_chance_for_constant_ones():
+    feats = torch.nn.functional.normalize(torch.randn(128, 16), dim=-1)
+    scene = torch.arange(128)
+    perfect = pc.retrieval_top1(feats, feats, scene, 64)
+    assert perfect["i2t_top1"] == perfect["t2i_top1"] == perfect["i2t_top1_strict"] == 1.0
+    assert perfect["chance"] == 1 / 64 and perfect["n_pairs"] == 128
+    constant = pc.retrieval_top1(feats, torch.ones(128, 16), scene, 64)  # every caption scores the same
+    assert constant["i2t_top1"] == pytest.approx(1 / 64)
+
+
+def test_retrieval_counts_a_twin_scene_as_a_hit_only_outside_strict_mode():
+    feats = torch.eye(4)
+    text = feats[[1, 0, 2, 3]]  # images 0 and 1 retrieve each other's caption
+    same_scene = torch.tensor([7, 7, 8, 9])  # ... which describe the same scene
+    r = pc.retrieval_top1(feats, text, same_scene, 4)
+    assert r["i2t_top1"] == 1.0 and r["i2t_top1_strict"] == 0.5
+    with pytest.raises(ValueError, match="at least 8"):
+        pc.retrieval_top1(feats, text, same_scene, 8)
+
+
+def test_scene_ids_are_equal_exactly_for_identical_scenes():
+    world = Tokenized(ShapesWorld(0, "val", 64, image_size=16), lambda c: torch.zeros(len(c), 77))
+    batch = collate([world[i] for i in range(64)])
+    rows = pc.scene_ids(batch)
+    specs = [world.dataset.scene(i)[0].spec() for i in range(64)]
+    for i in range(64):
+        for j in range(64):
+            assert torch.equal(rows[i], rows[j]) == (specs[i] == specs[j])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config and cache keys (no training)
+# ---------------------------------------------------------------------------------------------------------
+def test_config_uses_the_tiny_clip_architecture_and_both_experiment_spellings(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
+    plain, plus = (
+        pc.compose_config(["experiment=shapes_clip"]),
+        pc.compose_config(["+experiment=shapes_clip"]),
+    )
+    assert plain == plus == pc.compose_config()  # shapes_clip is the default experiment
+    assert pc.architecture(plain) == TINY_CLIP_CFG  # one architecture file, not a copy
+    assert plain.paths.cache_dir == str(tmp_path)
+    assert plain.data.image_size == TINY_CLIP_CFG["vision_cfg"]["image_size"]
+
+
+def test_artefact_key_follows_what_determines_the_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
+    monkeypatch.setenv("GALIP_NO_SHIPPED", "1")
+
+    def directory(*overrides):
+        cfg = pc.compose_config(list(overrides))
+        return pc.artefact_dir("clip", pc.artefact_config(cfg), root=cfg.paths.cache_dir)
+
+    base = directory()
+    assert base.parent == tmp_path / "clip"
+    assert directory() == base
+    assert directory("data.num_workers=0", "status_every=1", "eval.retrieval_batch=32") == base
+    for changed in (
+        "optim.lr=1e-4",
+        "optim.steps=7",
+        "seed=5",
+        "data.batch_size=16",
+        "clip.model_cfg.embed_dim=32",
+    ):
+        assert directory(changed) != base, changed
+
+
+def test_the_demo_setting_is_the_shipped_artefact_and_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
+    path = pc.ensure_shapes_clip()  # found, not trained: the shipped copy has the demo config's key
+    assert path.parent.parent == SHIPPED_ROOT / "clip", "shapes_clip.yaml no longer matches the shipped CLIP"
+    metrics = json.loads((path.parent / "metrics.json").read_text())
+    assert metrics["retrieval_batch"] == 64 and metrics["i2t_top1"] > 0.5
+    frozen = load_clip(name=None, model_cfg=TINY_CLIP_CFG, path=path)
+    assert frozen.geometry.embed_dim == TINY_CLIP_CFG["embed_dim"]
+
+
+def test_retraining_goes_to_the_cache_never_over_a_shipped_copy(tmp_path, monkeypatch):
+    monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
+    shipped = pc.ensure_shapes_clip()
+    before = shipped.stat().st_mtime_ns
+    fake = (pc.ContrastiveCLIP(TINY_CLIP_CFG), {"i2t_top1": 0.0, "retrieval_batch": 64})
+    monkeypatch.setattr(pc, "pretrain", lambda cfg: fake)
+    monkeypatch.setattr(pc, "report", lambda path, verb: None)
+    path = pc.ensure_shapes_clip(["cache.force=true"])
+    assert path == tmp_path / "clip" / shipped.parent.name / "clip.pt" and path.is_file()
+    assert shipped.stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A short pretraining (one run shared by the tests below)
+# ---------------------------------------------------------------------------------------------------------
+def test_short_pretraining_beats_chance(short_run):
+    path, _, _ = short_run
+    metrics = json.loads((path.parent / "metrics.json").read_text())
+    assert metrics["retrieval_batch"] == B and metrics["n_pairs"] == 128 and metrics["steps"] == 40
+    assert metrics["i2t_top1"] > 2 / B, metrics
+    assert metrics["t2i_top1"] > 2 / B, metrics
+
+
+def test_checkpoint_loads_through_load_clip_with_the_trained_embeddings(short_run):
+    path, module, _ = short_run
+    state = torch.load(path, weights_only=True)
+    assert all(v.dtype == torch.float16 for v in state.values() if v.is_floating_point())
+    assert "logit_scale" in state and not any(k.startswith(("model.", "module.")) for k in state)
+
+    frozen = load_clip(name=None, model_cfg=TINY_CLIP_CFG, path=path)
+    assert all(p.dtype == torch.float32 for p in frozen.parameters())
+    world = ShapesWorld(3, "test", 8, image_size=64)
+    batch = collate([Tokenized(world, frozen.tokenize)[i] for i in range(8)])
+    module.eval()
+    with torch.no_grad():
+        text = module.model.encode_text(batch["tokens"])
+        image = module.model.encode_image(module.pixels(batch["image"]))
+        _, frozen_image = frozen.image_taps(batch["image"], [0])
+    torch.testing.assert_close(frozen.encode_text(batch["tokens"]), text, rtol=0, atol=0)
+    torch.testing.assert_close(frozen_image, image, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(frozen.tokenize(batch["caption"]), batch["tokens"])
+
+
+def test_second_call_finds_the_artefact_without_training(short_run, monkeypatch):
+    path, _, cache = short_run
+    monkeypatch.setenv("GALIP_CACHE", str(cache))
+    mtime = path.stat().st_mtime_ns
+
+    def no_training(cfg):
+        raise AssertionError("the cached artefact should have been found")
+
+    monkeypatch.setattr(pc, "pretrain", no_training)
+    assert pc.ensure_shapes_clip(SHORT) == path
+    assert path.stat().st_mtime_ns == mtime
+    assert json.loads((path.parent / "config.json").read_text())["optim"]["steps"] == 40
+    with pytest.raises(AssertionError, match="cached artefact"):  # a changed config is a different artefact
+        pc.ensure_shapes_clip([*SHORT, "optim.lr=1e-3"])
