@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from galip.sampling import Sampler, interpolate_noise, interpolate_prompts, save_gif, save_grid
+from galip.sampling import (
+    Sampler,
+    interpolate_noise,
+    interpolate_prompts,
+    run_export_cli,
+    save_gif,
+    save_grid,
+)
 
 
 def interpolate(cfg: DictConfig) -> Path:
@@ -31,14 +37,7 @@ def interpolate(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="interpolate")
 def main(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        print("galip: ckpt=PATH is required (a generator export: <run dir>/generator.safetensors)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        interpolate(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"galip: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_export_cli(interpolate, cfg)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ Writes ``<out_dir>/grid.png`` (one row per prompt) and ``<out_dir>/<prompt index
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from galip.sampling import Sampler, save_grid, save_singles
+from galip.sampling import Sampler, run_export_cli, save_grid, save_singles
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -29,14 +28,7 @@ def sample(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="sample")
 def main(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        print("galip: ckpt=PATH is required (a generator export: <run dir>/generator.safetensors)", file=sys.stderr)
-        sys.exit(2)
-    try:
-        sample(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"galip: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_export_cli(sample, cfg)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
 from galip.checkpoints import build_generator
@@ -127,3 +129,18 @@ def save_gif(images: torch.Tensor, path: str | Path, duration_ms: int = 120, bou
     path.parent.mkdir(parents=True, exist_ok=True)
     pil[0].save(path, save_all=True, append_images=pil[1:], duration=duration_ms, loop=0)
     return path
+
+
+def run_export_cli(task, cfg: DictConfig) -> None:
+    """Run a CLI task on a generator export; user errors become one ``galip: …`` line and exit code 2."""
+    if OmegaConf.is_missing(cfg, "ckpt"):
+        print(
+            "galip: ckpt=PATH is required (a generator export: <run dir>/generator.safetensors)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    try:
+        task(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"galip: {err}", file=sys.stderr)
+        sys.exit(2)
