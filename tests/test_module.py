@@ -30,13 +30,16 @@ def build(cfg, seed: int = 0) -> tuple[GALIPModule, L.LightningDataModule]:
     return module, instantiate(cfg.data, tokenizer=clip.tokenizer)
 
 
-def one_batch_trainer(precision="32", **kw) -> L.Trainer:
-    """max_steps counts optimizer steps: two per batch (D and G), so 2 = one batch."""
+def one_batch_trainer(precision: str | None = "32", **kw) -> L.Trainer:
+    """max_steps counts optimizer steps: two per batch (D and G), so 2 = one batch.
+
+    ``precision=None`` leaves precision to a plugin passed in ``kw``."""
+    if precision is not None:
+        kw["precision"] = precision
     return L.Trainer(
         max_steps=2,
         accelerator="cpu",
         devices=1,
-        precision=precision,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -283,18 +286,7 @@ def test_fp16_autocast_with_grad_scaler_on_cpu(tmp_path):
     except Exception as err:
         pytest.skip(f"fp16 GradScaler on CPU refused: {err}")
     module, datamodule = build(smoke_cfg(tmp_path))
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        devices=1,
-        plugins=[plugin],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = one_batch_trainer(precision=None, plugins=[plugin])
     trainer.fit(module, datamodule=datamodule)
     for key in ("d/real", "d/fake", "d/mismatch", "d/magp", "d/loss", "g/adv", "g/sim", "g/loss"):
         assert torch.isfinite(trainer.callback_metrics[key]), key
