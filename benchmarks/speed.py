@@ -6,7 +6,9 @@ Cases (``--cases``, comma separated; the number is the batch size):
 * ``stepN`` — one full training iteration, D step then G step, with the same maths as
   ``GALIPModule.training_step`` but in a plain PyTorch loop (no Trainer): sentence vectors from the
   frozen text tower, fake = G(z, s), CLIP taps + embedding of the fake with graph, L_D = hinge real
-  + ½ fake + ½ mismatch + MAGP, backward, Adam; L_G = adversarial − λ·sim, backward, Adam.
+  + ½ fake + ½ mismatch + MAGP, backward, Adam; L_G = adversarial − λ·sim, backward, Adam;
+* ``cachedN`` — the same iteration with cached sentence vectors in the batch (``sent_emb``, as
+  ``python -m galip.data.encode_text`` provides them): ``stepN − cachedN`` is the text tower's share.
 
 Each case runs in a fresh subprocess (unless ``--in-process``) so its peak memory is its own: peak RSS
 on CPU (``ru_maxrss`` is monotone over a process's life), ``torch.cuda.max_memory_allocated`` on CUDA.
@@ -166,10 +168,11 @@ def training_step(module, batch: dict, opt_g: torch.optim.Optimizer, opt_d: torc
 
 
 def parse_case(case: str) -> tuple[str, int]:
-    match = re.fullmatch(r"(g|step)(\d+)", case)
+    match = re.fullmatch(r"(g|step|cached)(\d+)", case)
     if not match or int(match.group(2)) < 1:
         raise ValueError(
-            f"case {case!r}: expected gN (generator forward) or stepN (D+G step), N = batch size"
+            f"case {case!r}: expected gN (generator forward), stepN (D+G step) or cachedN (step with "
+            "cached sentence vectors), N = batch size"
         )
     return match.group(1), int(match.group(2))
 
@@ -187,6 +190,8 @@ def case_fn(kind: str, module, batch: dict) -> Callable[[], None]:
 
         return forward
     module.train()
+    if kind == "cached":  # computed once, outside the timed region, as the cache does it
+        batch = {**batch, "sent_emb": module.clip.encode_text(batch["tokens"])}
     opt_g, opt_d = module.configure_optimizers()
     return lambda: training_step(module, batch, opt_g, opt_d)
 
@@ -282,7 +287,11 @@ def _measure(
     median = statistics.median(times) if times else float("nan")
     return {
         "case": case,
-        "what": "G forward (eval, inference_mode)" if kind == "g" else "D+G training step",
+        "what": {
+            "g": "G forward (eval, inference_mode)",
+            "step": "D+G training step",
+            "cached": "D+G step, cached sentence vectors",
+        }[kind],
         "batch": batch_size,
         "geometry": geometry,
         "device": device,

@@ -267,10 +267,10 @@ def test_judge_evaluation_callback_writes_jsonl(random_judge, tmp_path):
     lines = [
         json.loads(line) for line in (tmp_path / "eval" / "judge_metrics.jsonl").read_text().splitlines()
     ]
-    assert [line["step"] for line in lines] == [2, 4, 4]  # after batches 2 and 4, then at train end
-    assert [line["kimg"] for line in lines] == [0.008, 0.016, 0.016]
+    # after batches 2 and 4; the end of training is batch 4, already scored, so not judged twice
+    assert [line["step"] for line in lines] == [2, 4]
+    assert [line["kimg"] for line in lines] == [0.008, 0.016]
     assert {"judge/acc", "judge/acc_colour", "judge/scene_acc", "judge/fd"} <= set(lines[0]["metrics"])
-    assert lines[1]["metrics"] == lines[2]["metrics"]  # same weights, same noise: the same numbers
     assert "judge/acc" in trainer.callback_metrics
     logged = (tmp_path / "logs").rglob("metrics.csv")
     assert any("judge/fd" in path.read_text() for path in logged)

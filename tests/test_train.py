@@ -130,7 +130,7 @@ def test_normalize_slot_overrides():
         "+trainer.foo=1",
         "seed=3",
     ]
-    assert set(SLOT_GROUPS) == {"experiment", "ablation", "debug"}
+    assert set(SLOT_GROUPS) == {"experiment", "ablation", "debug", "sweep"}
     assert normalize_slot_overrides(["experiment=smoke", "++experiment=x"]) == [
         "experiment=smoke",
         "++experiment=x",

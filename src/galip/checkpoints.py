@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from galip import __version__
+from galip.atomic_io import atomic_path
 from galip.cache import _plain
 from galip.clip import FrozenCLIP, load_clip
 from galip.models import Generator
@@ -45,13 +46,8 @@ def export_generator(generator: Generator, path: str | Path, clip_spec: Mapping[
     if not spec.get("pretrained") and not spec.get("path"):
         state.update({f"{CLIP_PREFIX}{k}": v for k, v in generator.clip.model.state_dict().items()})
     state = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata=metadata)
-        tmp.replace(path)  # atomic: a crash mid-write never leaves a half file under the final name
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path
 
 

@@ -7,14 +7,17 @@ Manual optimisation, one D step then one G step per batch (TTUR: separate Adam o
 from __future__ import annotations
 
 import copy
+import random
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
-from galip import losses
+import galip
+from galip import d_inputs, losses
 from galip.clip import FrozenCLIP
 from galip.models import Discriminator, Generator
 
@@ -36,6 +39,11 @@ class GALIPModule(L.LightningModule):
         ema_half_life_kimg: half-life of an exponential moving average of G's weights, in thousands of
             images (not in the paper; StyleGAN/EDM practice). ``None`` disables it. Sampling uses the EMA.
         ema_rampup: EDM's ramp-up: the half-life is at most ``ema_rampup × images seen`` early in training.
+        nonfinite: what a NaN/Inf loss term or gradient does: ``"stop"`` raises `NonFiniteError` naming the
+            term (or parameter) and the batch; ``"skip"`` drops that optimizer step and counts it
+            (``health/skipped_steps``).
+        d_input: what D reads (Table 3 ablations): ``"clip"`` the frozen CLIP taps of ``tap_blocks`` (GALIP),
+            ``"pixels"`` the images themselves (the DF-GAN-style baseline). See `galip.d_inputs`.
     """
 
     def __init__(
@@ -52,6 +60,8 @@ class GALIPModule(L.LightningModule):
         grad_clip: float | None = None,
         ema_half_life_kimg: float | None = None,
         ema_rampup: float | None = 0.05,
+        nonfinite: str = "stop",
+        d_input: str = "clip",
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -59,12 +69,20 @@ class GALIPModule(L.LightningModule):
         self.generator = generator
         self.discriminator = discriminator
         self.tap_blocks = tuple(tap_blocks)
+        self.d_input = d_inputs.d_input(d_input, clip, self.tap_blocks)
         self.optimizer_g = optimizer_g or _adam(1e-4)
         self.optimizer_d = optimizer_d or _adam(4e-4)
         self.sim_weight, self.magp_k, self.magp_p, self.grad_clip = sim_weight, magp_k, magp_p, grad_clip
         self.images_seen = 0
         self.ema_half_life_kimg, self.ema_rampup = ema_half_life_kimg, ema_rampup
         self.generator_ema = ema_copy(generator, clip) if ema_half_life_kimg else None
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.nonfinite, self.skipped_steps = nonfinite, 0
+        # Set by the entry point; stored in every checkpoint so a file says how it was made.
+        self.run_config: dict[str, Any] | None = None
+        self._noise_rng: torch.Generator | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -75,13 +93,20 @@ class GALIPModule(L.LightningModule):
         return self.clip.encode_text(batch["tokens"])
 
     def noise(self, n: int) -> torch.Tensor:
-        return torch.randn(n, self.generator.nz, device=self.device)
+        """Training noise from a per-rank stream: ranks draw different z (the official code seeds every GPU
+        the same, so its ranks generate identical noise), and the stream is checkpointed for exact resume."""
+        return torch.randn(n, self.generator.nz, device=self.device, generator=self.noise_rng())
+
+    def noise_rng(self) -> torch.Generator:
+        if self._noise_rng is None or self._noise_rng.device != self.device:
+            # torch.initial_seed() is the run's seed on every rank (seed_everything); the rank offsets it.
+            seed = (torch.initial_seed() + 1_000_003 * self.global_rank) % 2**63
+            self._noise_rng = torch.Generator(device=self.device).manual_seed(seed)
+        return self._noise_rng
 
     def real_taps(self, image: torch.Tensor) -> torch.Tensor:
-        """Taps of real images: CLIP is frozen and MAGP differentiates w.r.t. the taps, so no graph here."""
-        with torch.no_grad():
-            taps, _ = self.clip.image_taps(image, self.tap_blocks, with_embedding=False)
-        return taps
+        """D's input for real images (CLIP taps, or pixels): no graph, MAGP differentiates w.r.t. it."""
+        return self.d_input.real(image)
 
     def trainable_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]
@@ -97,28 +122,64 @@ class GALIPModule(L.LightningModule):
         opt_g, opt_d = self.optimizers()
         real, sent = batch["image"], self.sentence_vectors(batch)
         fake = self.generator(self.noise(real.shape[0]), sent)
-        fake_taps, fake_emb = self.clip.image_taps(fake, self.tap_blocks, with_embedding=True)
+        fake_taps, fake_emb = self.d_input.fake(fake)  # D's input for the fakes + CLIP embedding for L_G
 
-        self.toggle_optimizer(opt_d)
-        d_terms = self.discriminator_terms(self.real_taps(real), fake_taps.detach(), sent)
-        opt_d.zero_grad(set_to_none=True)
-        self.manual_backward(d_terms["loss"])
-        opt_d.step()
-        self.untoggle_optimizer(opt_d)
-
-        # The G step reuses this batch's fake (one G forward per iteration) and D's fresh weights.
-        self.toggle_optimizer(opt_g)
-        g_terms = losses.generator_loss(
-            self.discriminator(fake_taps, sent), losses.clip_similarity(fake_emb, sent), self.sim_weight
+        d_terms = self.optimize(
+            opt_d, "d", lambda: self.discriminator_terms(self.real_taps(real), fake_taps.detach(), sent)
         )
-        opt_g.zero_grad(set_to_none=True)
-        self.manual_backward(g_terms["loss"])
-        opt_g.step()
-        self.untoggle_optimizer(opt_g)
+        # The G step reuses this batch's fake (one G forward per iteration) and D's fresh weights.
+        g_terms = self.optimize(
+            opt_g,
+            "g",
+            lambda: losses.generator_loss(
+                self.discriminator(fake_taps, sent), losses.clip_similarity(fake_emb, sent), self.sim_weight
+            ),
+        )
 
         self.images_seen += real.shape[0] * self.trainer.world_size
         self.update_ema(real.shape[0] * self.trainer.world_size)
         self.log_terms(d_terms, g_terms, batch_size=real.shape[0])
+
+    def optimize(
+        self, optimizer: torch.optim.Optimizer, name: str, terms_fn: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """One optimizer step on ``terms_fn()["loss"]``, with only ``optimizer``'s parameters trainable."""
+        self.toggle_optimizer(optimizer)
+        terms = terms_fn()
+        optimizer.zero_grad(set_to_none=True)
+        if self.finite_terms(terms, name):
+            self.manual_backward(terms["loss"])
+            optimizer.step()  # gradients are checked in on_before_optimizer_step
+        self.untoggle_optimizer(optimizer)
+        return terms
+
+    # -- health: NaN/Inf stops (or skips) with the culprit named -------------------------------
+
+    def finite_terms(self, terms: dict[str, torch.Tensor], name: str) -> bool:
+        bad = [f"{name}/{k}" for k, v in terms.items() if not torch.isfinite(v.detach()).all()]
+        return not bad or self.nonfinite_found(f"loss term {', '.join(bad)}")
+
+    def finite_grads(self, optimizer: torch.optim.Optimizer, norms: torch.Tensor, params: list) -> bool:
+        if torch.isfinite(norms).all() or self.grad_scaler_active():
+            return True  # a GradScaler skips inf/NaN steps itself and lowers its scale: that is normal
+        names = {id(p): n for n, p in self.named_parameters()}
+        bad = [names.get(id(p), "?") for p, v in zip(params, norms, strict=True) if not torch.isfinite(v)]
+        if not self.nonfinite_found(f"gradient of {', '.join(bad[:3])}" + (" …" if len(bad) > 3 else "")):
+            optimizer.zero_grad(set_to_none=True)  # params without grads are left alone by the step
+            return False
+        return True
+
+    def nonfinite_found(self, what: str) -> bool:
+        """Raise (``nonfinite="stop"``) or count the skipped step and return False (``"skip"``)."""
+        where = f"batch {self.trainer.fit_loop.epoch_loop.total_batch_idx + 1}, step {self.global_step}"
+        if self.nonfinite == "stop":
+            raise NonFiniteError(f"non-finite {what} at {where} (model.nonfinite=skip skips such steps)")
+        self.skipped_steps += 1
+        self.print(f"galip: skipping the step: non-finite {what} at {where}")
+        return False
+
+    def grad_scaler_active(self) -> bool:
+        return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     def discriminator_terms(
         self, real_taps: torch.Tensor, fake_taps: torch.Tensor, sent: torch.Tensor
@@ -138,15 +199,16 @@ class GALIPModule(L.LightningModule):
         # Gradients are already unscaled here under fp16 (Lightning unscales before this hook).
         name = "d" if optimizer is self.trainer.optimizers[1] else "g"
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params]))
-        self.log(f"grad_norm/{name}", norm, on_step=True, on_epoch=False)
-        if self.grad_clip:
+        norms = torch.stack([p.grad.detach().float().norm() for p in params])
+        self.log(f"grad_norm/{name}", torch.linalg.vector_norm(norms), on_step=True, on_epoch=False)
+        if self.finite_grads(optimizer, norms, params) and self.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def log_terms(self, d_terms: dict, g_terms: dict, batch_size: int) -> None:
         values = {f"d/{k}": v.detach() for k, v in d_terms.items()}
         values.update({f"g/{k}": v.detach() for k, v in g_terms.items()})
         values["kimg"] = self.images_seen / 1000.0
+        values["health/skipped_steps"] = float(self.skipped_steps)
         self.log_dict(values, on_step=True, on_epoch=False, batch_size=batch_size)
         self.log_dict(
             {"d_loss": values["d/loss"], "g_loss": values["g/loss"]}, prog_bar=True, batch_size=batch_size
@@ -189,10 +251,43 @@ class GALIPModule(L.LightningModule):
             k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("clip.")
         }
         checkpoint["images_seen"] = self.images_seen
+        checkpoint["skipped_steps"] = self.skipped_steps
+        checkpoint["rng_states"] = self.rng_states()
+        checkpoint["galip_version"] = galip.__version__
+        if self.run_config is not None:
+            checkpoint["config"] = self.run_config
+        run_id = wandb_run_id(self.loggers)
+        if run_id is not None:
+            checkpoint["wandb_run_id"] = run_id
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"].update({f"clip.{k}": v for k, v in self.clip.state_dict().items()})
         self.images_seen = checkpoint.get("images_seen", 0)
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)
+        # Applied at the first resumed batch: building the data iterator in between draws from the RNG.
+        self._rng_to_restore = checkpoint.get("rng_states")
+
+    def rng_states(self) -> dict[str, Any]:
+        states = {
+            "torch": torch.get_rng_state(),
+            "numpy": numpy_rng_state(),
+            "python": random.getstate(),
+            "noise": self.noise_rng().get_state(),
+        }
+        if torch.cuda.is_available():
+            states["cuda"] = torch.cuda.get_rng_state_all()
+        return states
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._rng_to_restore is None:
+            return
+        states, self._rng_to_restore = self._rng_to_restore, None
+        torch.set_rng_state(states["torch"])
+        set_numpy_rng_state(states["numpy"])
+        random.setstate(states["python"])
+        self.noise_rng().set_state(states["noise"])
+        if "cuda" in states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -206,6 +301,35 @@ class GALIPModule(L.LightningModule):
             "params/trainable": trainable,
             "params/frozen": frozen,
         }
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or gradient became NaN/Inf (the message names it, with the batch and step)."""
+
+
+def numpy_rng_state() -> dict[str, Any]:
+    """NumPy's global RNG state as tensors and plain numbers: checkpoints then load with ``weights_only``."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "name": name,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached": float(cached),
+    }
+
+
+def set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["cached"]))
+
+
+def wandb_run_id(loggers: Sequence[Any]) -> str | None:
+    """The W&B run id of the first WandbLogger, so a resumed run continues the same W&B run."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            return logger.version
+    return None
 
 
 def ema_copy(generator: Generator, clip: FrozenCLIP) -> Generator:

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from galip.callbacks.schedule import due
 from galip.data.shapes import ShapesWorld
 from galip.metrics.judge import Judge, evaluate_generator, load_judge
 
@@ -46,6 +47,7 @@ class JudgeEvaluation(L.Callback):
         self.world = ShapesWorld(world_seed, "val", n_samples, image_size)
         self._judge: Judge | None = None
         self.last_metrics: dict[str, float] | None = None
+        self._evaluated_at: int | None = None
 
     def judge(self, device: torch.device) -> Judge:
         if self._judge is None:
@@ -67,7 +69,7 @@ class JudgeEvaluation(L.Callback):
             seed=self.seed,
             nz=nz,
         )
-        self.last_metrics = metrics
+        self.last_metrics, self._evaluated_at = metrics, trainer.global_step
         self._append(trainer.global_step, getattr(pl_module, "images_seen", 0) / 1000.0, metrics)
         return metrics
 
@@ -77,7 +79,7 @@ class JudgeEvaluation(L.Callback):
             f.write(json.dumps({"step": step, "kimg": kimg, "metrics": metrics}) + "\n")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not (self.every_n_batches and (batch_idx + 1) % self.every_n_batches == 0):
+        if not due(trainer, self.every_n_batches):
             return
         if trainer.is_global_zero:
             metrics = self.evaluate(trainer, pl_module)
@@ -85,8 +87,8 @@ class JudgeEvaluation(L.Callback):
             pl_module.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
+        if not trainer.is_global_zero or self._evaluated_at == trainer.global_step:
+            return  # the last periodic evaluation already scored this exact state
         metrics = self.evaluate(trainer, pl_module)
         for logger in trainer.loggers:  # self.log is not allowed in on_train_end
             logger.log_metrics(metrics, step=trainer.global_step)

@@ -9,6 +9,8 @@ import lightning as L
 import torch
 from torchvision.utils import save_image
 
+from galip.callbacks.schedule import due
+
 DEFAULT_CAPTIONS = (
     "a small red circle on a grey background",
     "a large blue square to the left of a small yellow triangle",
@@ -70,7 +72,7 @@ class SampleGrid(L.Callback):
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every_n_batches and (batch_idx + 1) % self.every_n_batches == 0 and trainer.is_global_zero:
+        if due(trainer, self.every_n_batches) and trainer.is_global_zero:
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

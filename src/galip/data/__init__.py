@@ -10,7 +10,9 @@ from galip.data.batch import (
     tensor_to_pil,
     tokenize_one,
 )
+from galip.data.paper_layout import DatasetMissing, PaperLayout, PaperLayoutDataModule, PaperLayoutDataset
 from galip.data.random_captions import RandomCaptionDataModule, RandomCaptionDataset
+from galip.data.sentences import SentenceTable, text_fingerprint
 from galip.data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -25,6 +27,7 @@ from galip.data.shapes import (
     write_shapes_shards,
 )
 from galip.data.shards import (
+    CorruptSample,
     SkipCounter,
     check_worker_count,
     decode_sample,
@@ -34,27 +37,36 @@ from galip.data.shards import (
     skipped,
     write_shards,
 )
+from galip.data.webdataset import WebDataModule, expand_urls
 
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
     "CONTEXT_LENGTH",
+    "CorruptSample",
+    "DatasetMissing",
     "POSITIONS",
     "SHAPES",
     "SIZES",
     "Obj",
+    "PaperLayout",
+    "PaperLayoutDataModule",
+    "PaperLayoutDataset",
     "RandomCaptionDataModule",
     "RandomCaptionDataset",
     "Scene",
+    "SentenceTable",
     "ShapesDataModule",
     "ShapesWorld",
     "SkipCounter",
     "Tokenized",
     "Tokenizer",
+    "WebDataModule",
     "check_batch",
     "check_worker_count",
     "collate",
     "decode_sample",
+    "expand_urls",
     "list_shards",
     "pil_to_tensor",
     "sample_scene",
@@ -62,6 +74,7 @@ __all__ = [
     "shard_loader",
     "skipped",
     "tensor_to_pil",
+    "text_fingerprint",
     "tokenize_one",
     "write_shapes_shards",
     "write_shards",

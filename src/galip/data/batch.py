@@ -9,6 +9,8 @@ A batch is a dict::
 
 Sources may add extra per-sample fields (``key``, ``labels``); they are carried along so that
 evaluation code (e.g. the shapes-world judge) can use them, but models only rely on the four above.
+Streamed shards add ``skipped`` (int): corrupt samples dropped since the previous batch, logged as
+``data/skipped`` by `galip.callbacks.SkippedSamples`.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ def collate(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
         batch["sent_emb"] = torch.stack([s["sent_emb"] for s in samples]).float()
     if "key" in samples[0]:
         batch["key"] = [s["key"] for s in samples]
+    if "skipped" in samples[0]:  # corrupt samples the stream dropped since the last batch (shards)
+        batch["skipped"] = sum(s["skipped"] for s in samples)
     if "labels" in samples[0]:
         batch["labels"] = default_collate([s["labels"] for s in samples])
     return batch

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from galip.data.batch import Tokenizer, collate, tokenize_one
+from galip.data.resume import ResumableData
 
 ADJECTIVES = ["red", "blue", "green", "small", "large", "bright", "dark", "striped", "round", "tall"]
 NOUNS = ["bird", "cat", "car", "flower", "house", "tree", "boat", "dog", "cup", "mountain"]
@@ -56,8 +57,11 @@ class RandomCaptionDataset(Dataset):
         return sample
 
 
-class RandomCaptionDataModule(L.LightningDataModule):
-    """Train/val loaders over `RandomCaptionDataset`; val uses a different seed stream than train."""
+class RandomCaptionDataModule(ResumableData, L.LightningDataModule):
+    """Train/val loaders over `RandomCaptionDataset`; val uses a different seed stream than train.
+
+    The training order is a function of (seed, epoch) and resumes mid-epoch exactly (`ResumableData`).
+    """
 
     def __init__(
         self,
@@ -82,10 +86,12 @@ class RandomCaptionDataModule(L.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        sampler = self.train_sampler(len(dataset), self.seed) if train else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             collate_fn=collate,

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
 from galip.data.batch import Tokenized, Tokenizer, collate, pil_to_tensor
+from galip.data.resume import ResumableData
 from galip.data.shards import check_worker_count, list_shards, shard_dataset, shard_loader, write_shards
 
 # ---------------------------------------------------------------------------------------------------------
@@ -290,7 +291,7 @@ def write_shapes_shards(
     }
 
 
-class ShapesDataModule(L.LightningDataModule):
+class ShapesDataModule(ResumableData, L.LightningDataModule):
     """Shapes world rendered in memory, or streamed from shards written by `write_shapes_shards`.
 
     From shards, training resamples shards forever and cuts `n_train` samples per epoch, split evenly so
@@ -323,10 +324,12 @@ class ShapesDataModule(L.LightningDataModule):
         return Tokenized(ShapesWorld(self.seed, split, length, self.image_size), self.tokenizer)
 
     def _memory_loader(self, split: str, length: int, train: bool) -> DataLoader:
+        sampler = self.train_sampler(length, self.seed) if train else None
         return DataLoader(
             self._world(split, length),
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,
             num_workers=self.num_workers,
             collate_fn=collate,
@@ -346,7 +349,7 @@ class ShapesDataModule(L.LightningDataModule):
             resampled=True,
             shuffle_buffer=self.shuffle_buffer,
             epoch_length=self._samples_per_worker(),
-            seed=self.seed,
+            seed=self.stream_seed(self.seed),
         )
         return shard_loader(dataset, self.batch_size, self.num_workers, drop_last=True)
 

@@ -4,6 +4,10 @@ Used for real data (CC3M/CC12M, converted CUB/COCO) and for the shapes world. Wr
 ``TarWriter`` with fixed mtime so shards are byte-reproducible; reading is a ``wds.WebDataset`` pipeline
 yielding per-sample dicts that `galip.data.batch.collate` turns into batches.
 
+A sample's ``.txt`` may hold several captions, one per line (converted CUB/COCO); one is drawn per item.
+Optional members: ``{key}.json`` with ``bbox`` [x, y, w, h] (CUB crop, applied at read time) or ``labels``
+(shapes world), and ``{key}.sent-<fingerprint>.npy``, cached sentence vectors (`galip.data.sentences`).
+
 webdataset 1.0.2 traps handled here:
 - ``resampled=True`` must come with ``shardshuffle=False`` (a number is ignored with a warning);
 - a finite (non-resampled) stream with more loader workers (x ranks) than shards leaves a worker empty and
@@ -15,38 +19,63 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
+import zlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from galip.data.batch import Tokenizer, collate, pil_to_tensor, tensor_to_pil, tokenize_one
+from galip.data.transforms import bbox_crop, choose_caption, paper_transform, split_captions
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 MANIFEST = "manifest.json"
+# How a sample's image becomes a tensor: a plain centred square (shapes world, legacy), or the paper's
+# resize + random crop + flip for training and its centred variant for evaluation (`galip.data.transforms`).
+TRANSFORMS = ("center", "paper-train", "paper-eval")
+# A shard's name inside webdataset's error messages ("... @ <_io.BufferedReader name='/d/00001.tar'>", urls).
+SHARD_NAME = re.compile(r"[^\s'\"<>=]+\.tar\b")
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Skipping corrupt samples
 # ---------------------------------------------------------------------------------------------------------
+class CorruptSample(ValueError):
+    """A sample whose members are there but do not decode (truncated JPEG, garbage, missing caption)."""
+
+
+def shard_name(exn: BaseException) -> str | None:
+    """The shard a reading error names: webdataset appends the url to ``args``; open() sets ``filename``."""
+    texts = [a for a in reversed(exn.args) if isinstance(a, str)] + [str(getattr(exn, "filename", "") or "")]
+    names = (SHARD_NAME.search(t) for t in texts)
+    return next((m.group(0) for m in names if m), None)
+
+
 class SkipCounter:
-    """A webdataset error handler that skips the failing sample and counts it (by exception type).
+    """A webdataset error handler that skips the failing sample (or shard) and counts it by exception type.
+
+    Errors from `decode_sample` are single samples (`CorruptSample`); anything else comes from opening or
+    reading a tar and loses the rest of that shard, which is reported by name, once per shard, always.
 
     Each DataLoader worker holds its own copy, so with ``num_workers > 0`` the counts seen in the main
-    process stay at zero; read them inside the worker or use ``num_workers=0`` when auditing a dataset.
+    process stay at zero: `count_skips` carries each worker's count on the samples instead (the batch's
+    ``skipped``), which is what training logs as ``data/skipped``.
     """
 
     def __init__(self, max_warnings: int = 5):
         self.max_warnings = max_warnings
         self.by_type: Counter[str] = Counter()
+        self.bad_shards: set[str] = set()
 
     @property
     def count(self) -> int:
@@ -54,12 +83,23 @@ class SkipCounter:
 
     def __call__(self, exn: BaseException) -> bool:
         self.by_type[type(exn).__name__] += 1
-        if self.count <= self.max_warnings:  # a corrupt web crawl would otherwise flood the log
-            log.warning("skipping corrupt sample (%d so far): %r", self.count, exn)
+        shard = None if isinstance(exn, CorruptSample) else shard_name(exn)
+        if shard is not None:
+            self._report_shard(shard, exn)
+        elif self.count <= self.max_warnings:  # a corrupt web crawl would otherwise flood the log
+            log.warning("skipping corrupt sample (%d so far): %s", self.count, exn)
         return True  # True tells webdataset to continue with the next sample
+
+    def _report_shard(self, shard: str, exn: BaseException) -> None:
+        if shard not in self.bad_shards:
+            self.bad_shards.add(shard)
+            log.warning(
+                "unreadable shard %s (rest of it skipped): %s", shard, exn.args[0] if exn.args else exn
+            )
 
     def reset(self) -> None:
         self.by_type.clear()
+        self.bad_shards.clear()
 
 
 skipped = SkipCounter()  # the default handler; `skipped.count` is what training logs
@@ -92,14 +132,24 @@ def encode_sample(sample: dict[str, Any], image_format: str) -> dict[str, Any]:
     return record
 
 
-def _update_manifest(out_dir: Path, prefix: str, paths: list[Path], counts: list[int], **info: Any) -> None:
+def _update_manifest(
+    out_dir: Path, prefix: str, paths: list[Path], counts: list[int], captions: int, **info: Any
+) -> None:
     """Merge this prefix's shard list into ``manifest.json`` (several splits may share a directory)."""
     path = out_dir / MANIFEST
     manifest = json.loads(path.read_text()) if path.exists() else {"splits": {}}
     manifest.update(info)
     shards = [{"name": p.name, "count": c} for p, c in zip(paths, counts, strict=True)]
-    manifest["splits"][prefix] = {"count": sum(counts), "shards": shards}
+    manifest["splits"][prefix] = {"count": sum(counts), "captions": captions, "shards": shards}
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def _stale_shards(out_dir: Path, prefix: str, name_format: str | None) -> list[Path]:
+    if name_format is None:
+        return list(out_dir.glob(f"{prefix}-*.tar"))
+    manifest = out_dir / MANIFEST
+    listed = json.loads(manifest.read_text())["splits"].get(prefix, {}) if manifest.exists() else {}
+    return [out_dir / s["name"] for s in listed.get("shards", []) if (out_dir / s["name"]).exists()]
 
 
 def write_shards(
@@ -109,33 +159,39 @@ def write_shards(
     max_per_shard: int = 1000,
     image_format: str = "jpg",
     source: str = "unknown",
+    name_format: str | None = None,
 ) -> list[Path]:
     """Write samples {key, image, caption[, json]} to ``out_dir/{prefix}-NNNNNN.tar``.
 
-    Existing shards with the same prefix are removed first, so a rewrite never leaves stale shards behind.
-    Returns the shard paths and records counts and `source` in ``out_dir/manifest.json``.
+    name_format: another shard naming, e.g. img2dataset's ``"{index:05d}.tar"`` (gets ``prefix``, ``index``).
+    Existing shards of this prefix (``{prefix}-*.tar``, or those the manifest lists) are removed first, so a
+    rewrite never leaves stale shards behind. Returns the shard paths and records counts, caption counts
+    (lines of the ``.txt``) and `source` in ``out_dir/manifest.json``.
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(f"{prefix}-*.tar"):
+    for stale in _stale_shards(out_dir, prefix, name_format):
         stale.unlink()
     paths: list[Path] = []
     counts: list[int] = []
+    n_captions = 0
     writer = None
     for index, sample in enumerate(samples):
         if index % max_per_shard == 0:
             if writer is not None:
                 writer.close()
-            paths.append(out_dir / f"{prefix}-{len(paths):06d}.tar")
+            name = (name_format or "{prefix}-{index:06d}.tar").format(prefix=prefix, index=len(paths))
+            paths.append(out_dir / name)
             counts.append(0)
             writer = wds.TarWriter(str(paths[-1]), encoder=False, mtime=0)
         writer.write(encode_sample(sample, image_format))
         counts[-1] += 1
+        n_captions += len(split_captions(sample["caption"]))
     if writer is not None:
         writer.close()
-    _update_manifest(out_dir, prefix, paths, counts, source=source, image_format=image_format)
+    _update_manifest(out_dir, prefix, paths, counts, n_captions, source=source, image_format=image_format)
     return paths
 
 
@@ -165,20 +221,66 @@ def _image_bytes(raw: dict[str, Any]) -> bytes:
     raise KeyError(f"sample {raw.get('__key__')!r} has no image member")
 
 
-def decode_sample(raw: dict[str, Any], tokenizer: Tokenizer, image_size: int) -> dict[str, Any]:
-    """Raw tar members -> {image, caption, tokens, key[, labels]}. Raises on corrupt data (the handler skips)."""
-    image = Image.open(io.BytesIO(_image_bytes(raw))).convert("RGB")
-    caption = raw["txt"].decode("utf-8").strip()
+def _to_tensor(image: Image.Image, image_size: int, transform: str, bbox: list[float] | None) -> torch.Tensor:
+    if transform == "center":
+        image = image.convert("RGB") if bbox is None else bbox_crop(image.convert("RGB"), bbox)
+        return pil_to_tensor(resize_center_crop(image, image_size))
+    return paper_transform(image, image_size, train=transform == "paper-train", bbox=bbox)
+
+
+def decode_sample(
+    raw: dict[str, Any],
+    tokenizer: Tokenizer,
+    image_size: int,
+    transform: str = "center",
+    sent_ext: str | None = None,
+) -> dict[str, Any]:
+    """Raw tar members -> {image, caption, tokens, key[, sent_emb, labels]}. Raises on corrupt data.
+
+    sent_ext: the member holding this CLIP's cached sentence vectors (`galip.data.sentences.sent_member`);
+        used when the sample has it, one row per caption line.
+    """
+    image = Image.open(io.BytesIO(_image_bytes(raw)))
+    image.load()  # decode now: a truncated file must fail here, inside the handler's reach
+    captions = split_captions(raw["txt"].decode("utf-8"))
+    if not captions:
+        raise ValueError("empty caption")
+    # Evaluation fixes the caption per key, so repeated passes condition on the same text.
+    index = choose_caption(len(captions), transform == "paper-train", zlib.crc32(raw["__key__"].encode()))
+    meta = json.loads(raw["json"]) if "json" in raw else {}
     sample = {
-        "image": pil_to_tensor(resize_center_crop(image, image_size)),
-        "caption": caption,
-        "tokens": tokenize_one(tokenizer, caption),
+        "image": _to_tensor(image, image_size, transform, meta.get("bbox")),
+        "caption": captions[index],
+        "tokens": tokenize_one(tokenizer, captions[index]),
         "key": raw["__key__"],
     }
-    meta = json.loads(raw["json"]) if "json" in raw else {}
+    if sent_ext is not None and sent_ext in raw:
+        vectors = np.load(io.BytesIO(raw[sent_ext]), allow_pickle=False)
+        if len(vectors) != len(captions):
+            raise ValueError(f"{sent_ext} has {len(vectors)} rows for {len(captions)} captions")
+        sample["sent_emb"] = torch.from_numpy(vectors[index].astype(np.float32))
     if "labels" in meta:  # structured labels (shapes world); img2dataset metadata has none
         sample["labels"] = {k: torch.tensor(v, dtype=torch.long) for k, v in meta["labels"].items()}
     return sample
+
+
+def _decode_or_flag(raw: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+    """`decode_sample`, with any failure turned into a `CorruptSample` naming the key and its shard."""
+    try:
+        return decode_sample(raw, **kwargs)
+    except Exception as err:
+        raise CorruptSample(f"{raw.get('__key__')!r} in {raw.get('__url__')}: {err!r}") from err
+
+
+def count_skips(samples: Iterator[dict[str, Any]], counter: SkipCounter) -> Iterator[dict[str, Any]]:
+    """Pipeline stage: each sample carries ``skipped``, the skips since the previous sample of this worker.
+
+    Summed by `collate`, the batches then carry every worker's skips to the main process.
+    """
+    seen = counter.count
+    for sample in samples:
+        sample["skipped"], seen = counter.count - seen, counter.count
+        yield sample
 
 
 def shard_dataset(
@@ -190,13 +292,19 @@ def shard_dataset(
     epoch_length: int | None = None,
     seed: int = 0,
     handler: SkipCounter = skipped,
+    transform: str = "center",
+    sent_ext: str | None = None,
 ) -> wds.WebDataset:
     """A streaming pipeline of per-sample dicts compatible with `collate`.
 
     resampled: draw shards with replacement forever (training; every rank sees an endless stream, so cut
         it with `epoch_length` samples per worker to give every rank the same number of batches).
     shuffle_buffer: samples held for shuffling; 0 keeps file order (evaluation).
+    transform: one of `TRANSFORMS`; sent_ext: see `decode_sample`.
+    Skipped samples are counted by `handler` and carried on each sample as ``skipped`` (`count_skips`).
     """
+    if transform not in TRANSFORMS:
+        raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}")
     urls = [urls] if isinstance(urls, str) else list(urls)
     shardshuffle = False if resampled or not shuffle_buffer else len(urls)
     dataset = wds.WebDataset(
@@ -210,7 +318,10 @@ def shard_dataset(
     )
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer)
-    dataset = dataset.map(partial(decode_sample, tokenizer=tokenizer, image_size=image_size), handler=handler)
+    decode = partial(
+        _decode_or_flag, tokenizer=tokenizer, image_size=image_size, transform=transform, sent_ext=sent_ext
+    )
+    dataset = dataset.map(decode, handler=handler).compose(partial(count_skips, counter=handler))
     if epoch_length is not None:
         dataset = dataset.with_epoch(epoch_length)
     return dataset

@@ -1,0 +1,186 @@
+"""Experiment management: exact resume, atomic checkpoints, what a checkpoint carries, status/stats, W&B."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+import galip
+from conftest import compose_config
+from galip.atomic_io import AtomicCheckpointIO
+from galip.config import ConfigError
+from galip.train import train
+
+# 32 samples / batch 4 = 8 batches per epoch; the checkpoint at optimizer step 6 is batch 3, mid-epoch;
+# 20 optimizer steps = 10 batches, so the resumed run also crosses into the next epoch.
+RUN = [
+    "+experiment=smoke",
+    "data.n_train=32",
+    "data.batch_size=4",
+    "trainer.limit_train_batches=null",
+    "trainer.max_epochs=-1",
+    "trainer.max_steps=20",
+    "callbacks.checkpoint.every_n_train_steps=6",
+    "callbacks.status.every_n_batches=2",
+]
+
+
+def run(out: Path, *extra: str):
+    cfg = compose_config([*RUN, *extra], output_dir=out)
+    train(cfg)
+    return cfg
+
+
+def logged(out: Path) -> dict[int, dict[str, float]]:
+    """CSV rows per step: {step: {metric: value}} for the step-wise training terms."""
+    rows: dict[int, dict[str, float]] = {}
+    with open(out / "csv" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            values = {k: float(v) for k, v in row.items() if v not in ("", None) and k != "step"}
+            if "d/loss" in values:
+                rows.setdefault(int(row["step"]), {}).update(values)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """An uninterrupted run and one resumed from its mid-epoch checkpoint."""
+    root = tmp_path_factory.mktemp("resume")
+    full, resumed = root / "full", root / "resumed"
+    run(full)
+    run(resumed, f"ckpt_path={full / 'checkpoints' / 'step0000006.ckpt'}")
+    return full, resumed
+
+
+def test_resumed_run_follows_the_uninterrupted_trajectory(runs):
+    full, resumed = runs
+    a, b = logged(full), logged(resumed)
+    # Lightning's logging step counts batches (not optimizer steps) under manual optimisation
+    assert sorted(a) == list(range(10))
+    assert sorted(b) == list(range(3, 10)), "the resumed run continues after batch 3, up to batch 10"
+    for step in b:
+        for key in ("d/loss", "d/magp", "g/loss", "g/sim", "kimg"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_resumed_run_ends_with_the_same_weights_and_optimizer_state(runs):
+    full, resumed = runs
+    ends = [torch.load(p / "checkpoints" / "last.ckpt", weights_only=False) for p in runs]
+    assert ends[0]["global_step"] == ends[1]["global_step"] == 20
+    for key, value in ends[0]["state_dict"].items():
+        torch.testing.assert_close(ends[1]["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    for opt_a, opt_b in zip(ends[0]["optimizer_states"], ends[1]["optimizer_states"], strict=True):
+        for pid, state in opt_a["state"].items():
+            torch.testing.assert_close(
+                opt_b["state"][pid]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-5, atol=1e-9
+            )
+    assert ends[0]["images_seen"] == ends[1]["images_seen"] == 40
+
+
+def test_checkpoint_carries_config_version_rng_and_data_position(runs):
+    full, _ = runs
+    ckpt = torch.load(full / "checkpoints" / "step0000006.ckpt", weights_only=False)
+    assert ckpt["galip_version"] == galip.__version__
+    assert ckpt["config"]["task_name"] == "smoke" and ckpt["config"]["data"]["batch_size"] == 4
+    assert set(ckpt["rng_states"]) >= {"torch", "numpy", "python", "noise"}
+    assert ckpt["RandomCaptionDataModule"] == {"epoch": 0, "batches": 3}
+    assert len(ckpt["optimizer_states"]) == 2
+    assert not any(k.startswith("clip.") for k in ckpt["state_dict"])
+
+
+def test_stats_jsonl_beside_the_checkpoints(runs):
+    full, _ = runs
+    lines = [json.loads(x) for x in (full / "checkpoints" / "stats.jsonl").read_text().splitlines()]
+    assert [x["batch"] for x in lines] == [2, 4, 6, 8, 10]
+    assert [x["kimg"] for x in lines] == pytest.approx([0.008, 0.016, 0.024, 0.032, 0.040])
+    assert all(x["images_per_s"] > 0 and x["peak_mem_gb"] > 0 and "d/loss" in x for x in lines)
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_a_config_error(tmp_path):
+    cfg = compose_config([*RUN, "ckpt_path=last"], output_dir=tmp_path / "empty")
+    with pytest.raises(ConfigError, match=r"ckpt_path=last: no checkpoint at .*last\.ckpt"):
+        train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic checkpoint writes
+# ---------------------------------------------------------------------------------------------
+
+
+def crash_mid_write(self, checkpoint, path, storage_options=None):
+    Path(path).write_bytes(b"half a checkpoint")
+    raise OSError("disk full")
+
+
+@pytest.mark.parametrize("io_cls, survives", [(AtomicCheckpointIO, True), (TorchCheckpointIO, False)])
+def test_interrupted_save_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch, io_cls, survives):
+    path = tmp_path / "last.ckpt"
+    io_cls().save_checkpoint({"global_step": 1}, path)
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", crash_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        io_cls().save_checkpoint({"global_step": 2}, path)
+    monkeypatch.undo()
+    if survives:
+        assert TorchCheckpointIO().load_checkpoint(path)["global_step"] == 1
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary left behind
+    else:  # the plain writer is what the atomic one protects against
+        assert path.read_bytes() == b"half a checkpoint"
+
+
+def test_the_trainer_config_writes_checkpoints_atomically(tmp_path):
+    cfg = compose_config(["+experiment=smoke"], output_dir=tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False)
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights & Biases (offline: nothing reaches the network)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_offline_wandb_run_has_the_logged_keys_and_is_finished(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "wb"
+    run(out, "logger=wandb", "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=2")
+    assert wandb.run is None, "the run is finished when training returns"
+    records = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(records) == 1
+    data = Path(records[0]).read_bytes()
+    for key in (b"d/loss", b"g/sim", b"grad_norm/g", b"kimg", b"params/trainable", b"perf/images_per_s"):
+        assert key in data, key
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["wandb_run_id"] == Path(records[0]).stem.removeprefix("run-")
+
+
+def test_resumed_run_continues_the_wandb_run(tmp_path, monkeypatch):
+    from galip.train import continue_wandb_run
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"wandb_run_id": "abc123"}, path)
+    cfg = compose_config(["+experiment=smoke", "logger=wandb"], output_dir=tmp_path)
+    continue_wandb_run(cfg, str(path))
+    assert cfg.logger.wandb.id == "abc123" and cfg.logger.wandb.resume == "allow"
+
+
+def test_wandb_is_finished_when_training_crashes(tmp_path, monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("crash inside fit")
+
+    monkeypatch.setattr("lightning.Trainer.fit", boom)
+    with pytest.raises(RuntimeError, match="crash inside fit"):
+        run(tmp_path / "crash", "logger=wandb")
+    # the logger had started its run (log_hyperparams) before fit; finish_wandb closed it
+    assert wandb.run is None
