@@ -14,7 +14,9 @@ from omegaconf import OmegaConf
 from galip.cache import artefact_dir, write_config
 
 
-def ensure_shapes_shards(n_train: int = 10_000, n_val: int = 512, image_size: int = 64, seed: int = 0) -> Path:
+def ensure_shapes_shards(
+    n_train: int = 10_000, n_val: int = 512, image_size: int = 64, seed: int = 0
+) -> Path:
     """A directory of PNG WebDataset shards of the shapes world (train and val), written if missing."""
     from galip.data import write_shapes_shards
 
@@ -45,7 +47,9 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("galip.judge", judge_path, replace=True, use_cache=True)
     OmegaConf.register_new_resolver(
         "galip.shapes_shards",
-        lambda n_train, n_val, size, seed: str(ensure_shapes_shards(int(n_train), int(n_val), int(size), int(seed))),
+        lambda n_train, n_val, size, seed: str(
+            ensure_shapes_shards(int(n_train), int(n_val), int(size), int(seed))
+        ),
         replace=True,
         use_cache=True,
     )
