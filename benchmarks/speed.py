@@ -10,12 +10,20 @@ Cases (``--cases``, comma separated; the number is the batch size):
 * ``cachedN`` — the same iteration with cached sentence vectors in the batch (``sent_emb``, as
   ``python -m galip.data.encode_text`` provides them): ``stepN − cachedN`` is the text tower's share.
 
+Levers (``--levers``, comma separated, ``none`` = the **official computation**, ``default`` = what galip
+does out of the box; see ``LEVERS``). Without ``module_step`` a step is the official code's iteration:
+real images with ``requires_grad`` so the D backward (and MAGP's double backward) runs through the frozen
+CLIP to the real pixels, the real images' CLIP pass through all blocks, the sentence vector requiring grad,
+and the G backward also filling D's gradients. ``--ladder`` measures every case with no lever, then adds
+the levers one at a time, so each row's ratio to the first is measured in the same run.
+
 Each case runs in a fresh subprocess (unless ``--in-process``) so its peak memory is its own: peak RSS
 on CPU (``ru_maxrss`` is monotone over a process's life), ``torch.cuda.max_memory_allocated`` on CUDA.
 
     python benchmarks/speed.py                                   # ViT-B/32, CPU, g1,g8,step8
     python benchmarks/speed.py --geometry tiny --repeats 1       # seconds, for a smoke check
     python benchmarks/speed.py --device cuda --precision bf16 --out experiments/benchmarks.md
+    python benchmarks/speed.py --ladder --cases g8,step8 --out experiments/benchmarks.md   # lever table
 """
 
 from __future__ import annotations
@@ -50,6 +58,42 @@ CAPTIONS = (
     "a kitchen with wooden cabinets and a white refrigerator",
     "a cat sleeping on the keyboard of a laptop",
 )
+
+# What each lever changes; none of them changes the maths (tests/test_speed_levers.py).
+LEVERS = {
+    "module_step": "D+G step as GALIPModule runs it: real images' CLIP taps without graph (stopping at the "
+    "last tap block), D frozen in the G backward, sentence vectors without grad",
+    "hugepages": "THP_MEM_ALLOC_ENABLE=1: transparent huge pages for large CPU tensors (set by `import galip`)",
+    "batched_affines": "all Affine MLPs of G in one matmul + one batched matmul per width",
+    "fused_fusion": "each DFBlock's four elementwise ops as one autograd op",
+    "channels_last": "G's weights and activations in channels_last memory format",
+    "cached_text": "sentence vectors precomputed (python -m galip.data.encode_text), not re-encoded per step",
+    "compile": "torch.compile of G (compile time excluded: it happens in the warm-up; D is left eager, "
+    "since MAGP's double backward does not go through compiled graphs)",
+}
+# galip's training defaults (cached_text needs the encode_text cache; compile is opt-in: minutes to compile
+# on a CPU). channels_last is galip's default for sampling (galip.sampling), not for training on a CPU.
+DEFAULT_LEVERS = ("module_step", "hugepages", "batched_affines", "fused_fusion")
+LADDER = (*DEFAULT_LEVERS, "cached_text", "channels_last")
+STEP_ONLY = frozenset({"module_step", "cached_text"})
+
+
+def parse_levers(text: str) -> tuple[str, ...]:
+    if text == "none":
+        return ()
+    if text == "default":
+        return DEFAULT_LEVERS
+    levers = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown:
+        raise ValueError(f"--levers: unknown {unknown}; expected none, default or some of {list(LEVERS)}")
+    return levers
+
+
+def ladder(kind: str) -> list[tuple[str, ...]]:
+    """No lever, then the levers of ``LADDER`` added one at a time (step-only ones skipped for gN)."""
+    steps = [lever for lever in LADDER if kind != "g" or lever not in STEP_ONLY]
+    return [tuple(steps[:i]) for i in range(len(steps) + 1)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,7 +134,7 @@ def geometry_spec(geometry: str) -> dict:
     raise ValueError(f"--geometry {geometry!r}: expected vit_b32 or tiny")
 
 
-def build_module(geometry: str, device: torch.device):
+def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DEFAULT_LEVERS):
     """A GALIPModule (default losses and optimizers) around a random-weight frozen CLIP, on ``device``."""
     from galip.clip import load_clip
     from galip.models import Discriminator, Generator
@@ -99,11 +143,18 @@ def build_module(geometry: str, device: torch.device):
     spec = geometry_spec(geometry)
     clip = load_clip(**spec["clip"])  # no pretrained tag, no path: random weights, offline
     geo = clip.geometry
-    generator = Generator(clip, **spec["generator"])
+    generator = Generator(
+        clip,
+        **spec["generator"],
+        batched_affines="batched_affines" in levers,
+        fused_fusion="fused_fusion" in levers,
+    )
     discriminator = Discriminator(
         geo.width, geo.grid, geo.embed_dim, n_taps=len(spec["taps"]), **spec["discriminator"]
     )
-    module = GALIPModule(clip, generator, discriminator, tap_blocks=spec["taps"])
+    module = GALIPModule(
+        clip, generator, discriminator, tap_blocks=spec["taps"], channels_last="channels_last" in levers
+    )
     return module.to(device)
 
 
@@ -167,6 +218,44 @@ def training_step(module, batch: dict, opt_g: torch.optim.Optimizer, opt_d: torc
     return {"d_loss": d_terms["loss"].item(), "g_loss": g_terms["loss"].item()}
 
 
+def official_step(module, batch: dict, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> dict:
+    """One iteration as the official code computes it (reference §2.1), on galip's modules.
+
+    Same losses and updates as `training_step`; the extra work is what the official code does for no
+    gradient that is used: the real images require grad, so the D backward (and MAGP's double backward)
+    runs through the frozen CLIP to the pixels, and their CLIP pass runs all blocks for an embedding nobody
+    uses; the sentence vector requires grad; the G backward also fills D's gradients.
+    """
+    from galip import losses
+
+    clip, taps = module.clip, module.tap_blocks
+    with torch.no_grad():
+        sent = clip.encode_text(batch["tokens"])
+    real = batch["image"].detach().requires_grad_(True)
+    sent = sent.requires_grad_(True)
+
+    opt_d.zero_grad(set_to_none=True)
+    real_taps, _ = clip.image_taps(real, taps, with_embedding=True)
+    real_features = module.discriminator.features(real_taps)  # shared by the real and mismatched pairs
+    d_real = module.discriminator.assess(real_features, sent)
+    d_mis = module.discriminator.assess(real_features, losses.mismatch(sent))
+    fake = module.generator(module.noise(real.shape[0]), sent)
+    fake_taps, fake_emb = clip.image_taps(fake, taps, with_embedding=True)
+    d_fake = module.discriminator(fake_taps.detach(), sent)
+    penalty = losses.magp(d_real, (real_taps, sent), module.magp_k, module.magp_p)
+    d_terms = losses.discriminator_loss(d_real, d_fake, d_mis, penalty)
+    d_terms["loss"].backward()
+    opt_d.step()
+
+    opt_g.zero_grad(set_to_none=True)
+    g_terms = losses.generator_loss(
+        module.discriminator(fake_taps, sent), losses.clip_similarity(fake_emb, sent), module.sim_weight
+    )
+    g_terms["loss"].backward()
+    opt_g.step()
+    return {"d_loss": d_terms["loss"].item(), "g_loss": g_terms["loss"].item()}
+
+
 def parse_case(case: str) -> tuple[str, int]:
     match = re.fullmatch(r"(g|step|cached)(\d+)", case)
     if not match or int(match.group(2)) < 1:
@@ -177,8 +266,10 @@ def parse_case(case: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def case_fn(kind: str, module, batch: dict) -> Callable[[], None]:
+def case_fn(kind: str, module, batch: dict, levers: Sequence[str] = DEFAULT_LEVERS) -> Callable[[], None]:
     """A closure running one repeat of the case (inputs prepared outside the timed region)."""
+    if "compile" in levers:
+        module.generator = torch.compile(module.generator)
     if kind == "g":
         module.generator.eval()
         sent = module.clip.encode_text(batch["tokens"])
@@ -190,10 +281,13 @@ def case_fn(kind: str, module, batch: dict) -> Callable[[], None]:
 
         return forward
     module.train()
-    if kind == "cached":  # computed once, outside the timed region, as the cache does it
+    if (
+        kind == "cached" or "cached_text" in levers
+    ):  # computed once, outside the timed region, as the cache does
         batch = {**batch, "sent_emb": module.clip.encode_text(batch["tokens"])}
     opt_g, opt_d = module.configure_optimizers()
-    return lambda: training_step(module, batch, opt_g, opt_d)
+    step = training_step if "module_step" in levers else official_step
+    return lambda: step(module, batch, opt_g, opt_d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +325,12 @@ def run_case(
     precision: str = "fp32",
     threads: int | None = None,
     seed: int = 0,
+    levers: Sequence[str] = DEFAULT_LEVERS,
 ) -> dict:
     """Run one case in this process and return its measurements.
+
+    ``levers`` (see ``LEVERS``) choose how the same maths is run; ``hugepages`` only takes effect in a fresh
+    process (`run_case_subprocess` sets the environment variable torch reads at its first large allocation).
 
     ``peak_mem_mib`` is the process's peak RSS on CPU (monotone: in a process that ran something heavier
     before, it reports that) and ``torch.cuda.max_memory_allocated`` on CUDA. ``mem_delta_mib`` is the
@@ -245,7 +343,7 @@ def run_case(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _measure(kind, batch_size, case, device, geometry, repeats, warmup, precision, seed)
+        return _measure(kind, batch_size, case, device, geometry, repeats, warmup, precision, seed, levers)
     finally:
         torch.set_num_threads(previous_threads)  # in-process callers (tests) keep their own setting
 
@@ -260,12 +358,13 @@ def _measure(
     warmup: int,
     precision: str,
     seed: int,
+    levers: Sequence[str],
 ) -> dict:
     dev = torch.device(device)
     torch.manual_seed(seed)
-    module = build_module(geometry, dev)
+    module = build_module(geometry, dev, levers)
     batch = make_batch(module, batch_size, dev)
-    fn = case_fn(kind, module, batch)
+    fn = case_fn(kind, module, batch, levers)
 
     _sync(dev)
     if dev.type == "cuda":
@@ -293,6 +392,8 @@ def _measure(
             "cached": "D+G step, cached sentence vectors",
         }[kind],
         "batch": batch_size,
+        "levers": list(levers),
+        "hugepages_env": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "geometry": geometry,
         "device": device,
         "precision": precision,
@@ -313,14 +414,16 @@ def _measure(
     }
 
 
-def run_case_subprocess(case: str, args: argparse.Namespace) -> dict:
+def run_case_subprocess(case: str, args: argparse.Namespace, levers: Sequence[str]) -> dict:
     """Re-invoke this script for one case so the case's peak memory is measured in a fresh process."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--cases", case]
+    cmd += ["--levers", ",".join(levers) or "none"]
     cmd += ["--device", args.device, "--geometry", args.geometry, "--precision", args.precision]
     cmd += ["--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if "hugepages" in levers else "0"}
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_JSON_TAG)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"case {case} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout}")
@@ -333,6 +436,8 @@ def run_case_subprocess(case: str, args: argparse.Namespace) -> dict:
 
 
 LEGEND = (
+    "levers: see benchmarks/speed.py LEVERS (`+ x`: the row above plus lever x); × official: median of the "
+    "same case with no lever (the official computation) in this run / this median; "
     "median/min s: wall seconds per repeat; images/s = batch / median; CPU s: median process CPU seconds per "
     "repeat, all threads (≈ wall × threads when the cores are free); peak memory: see above; growth: peak minus the "
     "memory held once the models were built (CLIP + G + D, and the batch); load avg: 1-min load average before → "
@@ -340,17 +445,36 @@ LEGEND = (
 )
 
 
+def lever_label(result: dict, previous: dict | None) -> str:
+    """``none``, ``default``, the levers, or ``+ lever`` when the row adds one lever to the row above."""
+    levers = result.get("levers", list(DEFAULT_LEVERS))
+    if not levers:
+        return "none (official computation)"
+    if previous is not None and previous["case"] == result["case"]:
+        added = [lever for lever in levers if lever not in previous.get("levers", [])]
+        if len(added) == 1 and len(levers) == len(previous.get("levers", [])) + 1:
+            return f"+ {added[0]}"
+    return "default" if tuple(levers) == DEFAULT_LEVERS else ", ".join(levers)
+
+
 def markdown_table(results: Sequence[dict]) -> str:
+    """One row per result; ``× official`` compares with the same case's no-lever row of this run, if any."""
+    baselines = {r["case"]: r for r in results if r.get("levers") == []}
     rows = [
-        "| case | what | batch | median s | min s | images/s | CPU s | peak memory (MiB) | growth (MiB) | load avg |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| case | levers | batch | median s | min s | × official | images/s | CPU s | peak memory (MiB) "
+        "| growth (MiB) | load avg |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    previous = None
     for r in results:
+        base = baselines.get(r["case"])
+        speedup = f"{base['median_s'] / r['median_s']:.2f}" if base is not None else "–"
         rows.append(
-            f"| {r['case']} | {r['what']} | {r['batch']} | {r['median_s']:.3f} | {r['min_s']:.3f} "
-            f"| {r['images_per_s']:.2f} | {r['cpu_s']:.1f} | {r['peak_mem_mib']:.0f} | {r['mem_delta_mib']:.0f} "
-            f"| {r['loadavg_1min'][0]:.1f}→{r['loadavg_1min'][1]:.1f} |"
+            f"| {r['case']} | {lever_label(r, previous)} | {r['batch']} | {r['median_s']:.3f} | {r['min_s']:.3f} "
+            f"| {speedup} | {r['images_per_s']:.2f} | {r['cpu_s']:.1f} | {r['peak_mem_mib']:.0f} "
+            f"| {r['mem_delta_mib']:.0f} | {r['loadavg_1min'][0]:.1f}→{r['loadavg_1min'][1]:.1f} |"
         )
+        previous = r
     return "\n".join(rows)
 
 
@@ -409,6 +533,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--cases", default=",".join(DEFAULT_CASES), help="gN = G forward, stepN = D+G step, N = batch"
     )
+    p.add_argument("--levers", default="default", help=f"none | default | comma list of {', '.join(LEVERS)}")
+    p.add_argument(
+        "--ladder", action="store_true", help="each case with no lever, then adding the levers one at a time"
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument(
@@ -421,6 +549,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    try:
+        args.lever_set = parse_levers(args.levers)
+    except ValueError as e:
+        p.error(str(e))
+    if args.ladder and args.in_process:
+        p.error("--ladder needs a fresh process per row (huge pages are fixed at a process's start)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
     if args.precision == "bf16" and args.device == "cpu":
@@ -445,14 +579,23 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     }
     if args.worker:
         for case in cases:
-            print(_JSON_TAG + json.dumps(run_case(case, **kwargs)), flush=True)
+            print(_JSON_TAG + json.dumps(run_case(case, levers=args.lever_set, **kwargs)), flush=True)
         return []
 
+    runs = [
+        (case, levers)
+        for case in cases
+        for levers in (ladder(parse_case(case)[0]) if args.ladder else [args.lever_set])
+    ]
     results = []
-    for case in cases:
-        result = run_case(case, **kwargs) if args.in_process else run_case_subprocess(case, args)
+    for case, levers in runs:
+        if args.in_process:
+            result = run_case(case, levers=levers, **kwargs)
+        else:
+            result = run_case_subprocess(case, args, levers)
         print(
-            f"{case}: median {result['median_s']:.3f} s, times {[round(t, 3) for t in result['times_s']]}",
+            f"{case} [{','.join(levers) or 'none'}]: median {result['median_s']:.3f} s, "
+            f"times {[round(t, 3) for t in result['times_s']]}",
             file=sys.stderr,
         )
         results.append(result)

@@ -49,8 +49,9 @@ def sampler(export_path) -> Sampler:
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> None:
-    """Equal up to batching (a conv over 1 or 16 rows may sum in another order)."""
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    """Equal up to batching (a conv over 1 or 16 rows may sum in another order; oneDNN's channels_last
+    kernels, the sampler's default, pick their blocking by batch size: differences of ~1e-5 on [-1, 1])."""
+    torch.testing.assert_close(a, b, rtol=0, atol=5e-5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ class GALIPModule(L.LightningModule):
             (``health/skipped_steps``).
         d_input: what D reads (Table 3 ablations): ``"clip"`` the frozen CLIP taps of ``tap_blocks`` (GALIP),
             ``"pixels"`` the images themselves (the DF-GAN-style baseline). See `galip.d_inputs`.
+        channels_last: keep G's weights (and so its feature maps) in channels_last memory format: the same
+            maths; on a CPU it speeds up G's forward (sampling) but slows a training step down
+            (experiments/benchmarks.md), so it is off by default here and on in `galip.sampling`.
     """
 
     def __init__(
@@ -62,9 +65,12 @@ class GALIPModule(L.LightningModule):
         ema_rampup: float | None = 0.05,
         nonfinite: str = "stop",
         d_input: str = "clip",
+        channels_last: bool = False,
     ):
         super().__init__()
         self.automatic_optimization = False
+        if channels_last:
+            generator = generator.to(memory_format=torch.channels_last)
         self.clip = clip
         self.generator = generator
         self.discriminator = discriminator
@@ -184,14 +190,19 @@ class GALIPModule(L.LightningModule):
     def discriminator_terms(
         self, real_taps: torch.Tensor, fake_taps: torch.Tensor, sent: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """L_D: hinge on real / ½ fake / ½ mismatched pairs + MAGP on the real, matching pairs."""
+        """L_D: hinge on real / ½ fake / ½ mismatched pairs + MAGP on the real, matching pairs.
+
+        Real and mismatched pairs share one pass of D's feature extractor (D = assess(features(x), s)), as
+        in the official code: the same values and gradients as two passes, for less compute.
+        """
         real_taps = real_taps.detach().requires_grad_(True)
         sent_in = sent.detach().requires_grad_(True)
         # The real branch (and so MAGP's double backward) runs in fp32 whatever the training precision.
         with torch.autocast(device_type=self.device.type, enabled=False):
-            d_real = self.discriminator(real_taps.float(), sent_in.float())
+            real_features = self.discriminator.features(real_taps.float())
+            d_real = self.discriminator.assess(real_features, sent_in.float())
             penalty = losses.magp(d_real, (real_taps, sent_in), self.magp_k, self.magp_p)
-        d_mis = self.discriminator(real_taps.detach(), losses.mismatch(sent))
+        d_mis = self.discriminator.assess(real_features, losses.mismatch(sent))
         d_fake = self.discriminator(fake_taps, sent)
         return losses.discriminator_loss(d_real, d_fake, d_mis, penalty)
 

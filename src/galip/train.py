@@ -44,6 +44,7 @@ def build_module(cfg: DictConfig, clip: FrozenCLIP) -> GALIPModule:
         ema_half_life_kimg=cfg.model.get("ema_half_life_kimg"),
         nonfinite=cfg.model.get("nonfinite", "stop"),
         d_input=d_input,
+        channels_last=cfg.model.get("channels_last", False),
         **cfg.model.loss,
     )
 

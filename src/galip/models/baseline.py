@@ -18,8 +18,8 @@ from torch import nn
 
 from galip.clip import FrozenCLIP
 from galip.models.discriminator import QualityAssessor
-from galip.models.generator import decoder_channels, decoder_sizes
-from galip.models.layers import GBlock
+from galip.models.generator import decoder_channels, decoder_sizes, set_execution
+from galip.models.layers import GBlock, condition
 
 # ---------------------------------------------------------------------------------------------
 # Generator
@@ -53,6 +53,7 @@ class CNNGenerator(nn.Module):
             for c_in, c_out, size in zip(chans[:-1], chans[1:], sizes, strict=True)
         )
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, 1, 1)
+        self.batched_affines = True  # execution choice, see galip.models.generator.set_execution
 
     @property
     def clip(self) -> FrozenCLIP:
@@ -62,12 +63,20 @@ class CNNGenerator(nn.Module):
         """Noise [B, nz] + sentence vector [B, embed_dim] -> image [B, 3, S, S] in [-1, 1]."""
         cond = torch.cat([z, sent_emb.to(z.dtype)], dim=1)
         x = self.fc(z).view(z.shape[0], -1, self.start, self.start)
+        y = condition(self, cond, self.batched_affines)
         for block in self.blocks:
-            x = block(x, cond)
+            x = block(x, y)
         return torch.tanh(self.to_rgb(F.leaky_relu(x, 0.2)))
 
 
-def cnn_generator(clip: FrozenCLIP, nz: int = 100, ngf: int = 64, **galip_only) -> CNNGenerator:
+def cnn_generator(
+    clip: FrozenCLIP,
+    nz: int = 100,
+    ngf: int = 64,
+    batched_affines: bool = True,
+    fused_fusion: bool = True,
+    **galip_only,
+) -> CNNGenerator:
     """Hydra target of the baseline row: a ``CNNGenerator`` from a (merged) GALIP generator config.
 
     The GALIP-only keys left behind by the experiment are dropped; anything else is a typo and fails.
@@ -75,7 +84,7 @@ def cnn_generator(clip: FrozenCLIP, nz: int = 100, ngf: int = 64, **galip_only) 
     unknown = sorted(set(galip_only) - GALIP_ONLY_KEYS)
     if unknown:
         raise TypeError(f"cnn_generator got unexpected keys {unknown}")
-    return CNNGenerator(clip, nz=nz, ngf=ngf)
+    return set_execution(CNNGenerator(clip, nz=nz, ngf=ngf), batched_affines, fused_fusion)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,4 +146,10 @@ class CNNDiscriminator(nn.Module):
 
     def forward(self, image: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
         """Pixels [B, 3, S, S] + sentence vector [B, D] -> logits [B]."""
-        return self.assessor(self.blocks(self.conv_img(image)), sent_emb)
+        return self.assess(self.features(image), sent_emb)
+
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.conv_img(image))
+
+    def assess(self, features: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
+        return self.assessor(features, sent_emb)

@@ -58,4 +58,11 @@ class Discriminator(nn.Module):
         self.assessor = QualityAssessor(out_ch, embed_dim, grid, hidden)
 
     def forward(self, taps: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
-        return self.assessor(self.extractor(taps), sent_emb)
+        return self.assess(self.features(taps), sent_emb)
+
+    # D(x, s) = assess(features(x), s): real and mismatched pairs share one feature pass (as officially).
+    def features(self, taps: torch.Tensor) -> torch.Tensor:
+        return self.extractor(taps)
+
+    def assess(self, features: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
+        return self.assessor(features, sent_emb)

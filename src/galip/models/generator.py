@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from galip.clip import FrozenCLIP
-from galip.models.layers import FusionBlock, GBlock
+from galip.models.layers import Conditioning, DFBlock, FusionBlock, GBlock, condition
 
 
 class BridgeFeaturePredictor(nn.Module):
@@ -39,7 +39,7 @@ class BridgeFeaturePredictor(nn.Module):
         self.blocks = nn.ModuleList(FusionBlock(code_ch, mid_ch, code_ch, cond_dim) for _ in range(n_blocks))
         self.conv_fuse = nn.Conv2d(code_ch, width, 5, 1, 2)
 
-    def forward(self, z: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, cond: torch.Tensor | Conditioning) -> torch.Tensor:
         x = self.fc_code(z).view(-1, self.code_ch, self.grid, self.grid)
         for block in self.blocks:
             x = block(x, cond)
@@ -89,7 +89,7 @@ class ImageDecoder(nn.Module):
         )
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, 1, 1)
 
-    def forward(self, seed: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, seed: torch.Tensor, cond: torch.Tensor | Conditioning) -> torch.Tensor:
         x = self.stem(seed)
         for block in self.blocks:
             x = block(x, cond)
@@ -106,6 +106,10 @@ class Generator(nn.Module):
         prompt_blocks: 0-based CLIP blocks that get a predicted prompt (paper 1..8).
         use_clip_mapper: False drops the CLIP branch (ablation "w/o CLIP in G"): seed = conv(bridge).
         mapped_scale: weight of the CLIP-mapped feature added to the bridge feature (paper 0.1).
+        batched_affines, fused_fusion: execution choices, not architecture (same maths, same weights,
+            not stored in ``config``): all Affine MLPs computed together (`layers.Conditioning`), and each
+            DFBlock's elementwise steps as one op (`layers.DFBlock`). False, False is the official code's
+            way of running it; see `set_execution`.
     """
 
     def __init__(
@@ -119,6 +123,8 @@ class Generator(nn.Module):
         prompt_blocks: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8),
         use_clip_mapper: bool = True,
         mapped_scale: float = 0.1,
+        batched_affines: bool = True,
+        fused_fusion: bool = True,
     ):
         super().__init__()
         geo = clip.geometry
@@ -145,6 +151,7 @@ class Generator(nn.Module):
             PromptPredictor(cond_dim, len(self.prompt_blocks), geo.width) if self.prompt_blocks else None
         )
         self.decoder = ImageDecoder(cond_dim, geo.width, geo.grid, geo.image_size, ngf)
+        set_execution(self, batched_affines, fused_fusion)
 
     @property
     def clip(self) -> FrozenCLIP:
@@ -153,12 +160,22 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
         """Noise [B, nz] + sentence vector [B, embed_dim] -> image [B, 3, S, S], roughly in [-1, 1]."""
         cond = torch.cat([z, sent_emb.to(z.dtype)], dim=1)
-        bridge = self.bridge(z, cond)
+        y = condition(self, cond, self.batched_affines)
+        bridge = self.bridge(z, y)
         seed = bridge
         if self.use_clip_mapper:
             prompts = self.prompts(cond) if self.prompts is not None else None
             seed = bridge + self.mapped_scale * self.clip.map_bridge(bridge, prompts, self.prompt_blocks)
-        return self.decoder(seed, cond)
+        return self.decoder(seed, y)
+
+
+def set_execution(generator: nn.Module, batched_affines: bool = True, fused_fusion: bool = True) -> nn.Module:
+    """Choose how a generator runs its text conditioning (same maths either way; see `Generator`)."""
+    generator.batched_affines = batched_affines
+    for module in generator.modules():
+        if isinstance(module, DFBlock):
+            module.fused = fused_fusion
+    return generator
 
 
 def _check_blocks(key: str, blocks: Sequence[int], depth: int) -> None:

@@ -86,8 +86,12 @@ class ProjectedDiscriminator(nn.Module):
 
     def forward(self, taps: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
         """[B, n_taps, width, g, g] + [B, D] -> logits [B]."""
-        levels = self.csm(self.ccm(taps))
-        logits = [
-            qa(block(p), sent_emb) for p, block, qa in zip(levels, self.blocks, self.assessors, strict=True)
-        ]
+        return self.assess(self.features(taps), sent_emb)
+
+    def features(self, taps: torch.Tensor) -> list[torch.Tensor]:
+        """One map per level: the learned conv block on the fixed CCM + CSM projection."""
+        return [block(p) for p, block in zip(self.csm(self.ccm(taps)), self.blocks, strict=True)]
+
+    def assess(self, features: list[torch.Tensor], sent_emb: torch.Tensor) -> torch.Tensor:
+        logits = [qa(f, sent_emb) for f, qa in zip(features, self.assessors, strict=True)]
         return torch.stack(logits).sum(0)
