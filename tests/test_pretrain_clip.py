@@ -186,3 +186,47 @@ def test_second_call_finds_the_artefact_without_training(short_run, monkeypatch)
     assert json.loads((path.parent / "config.json").read_text())["optim"]["steps"] == 40
     with pytest.raises(AssertionError, match="cached artefact"):  # a changed config is a different artefact
         pc.ensure_shapes_clip([*SHORT, "optim.lr=1e-3"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hard negatives: the caption with one shape swapped
+# ---------------------------------------------------------------------------------------------------------
+def test_shape_swaps_change_exactly_one_shape_word_to_each_other_shape():
+    import random
+
+    from galip.data.shapes import SHAPES
+
+    caption = "a small red circle on the left and a large blue square at the top, on a grey background"
+    swaps = pc.shape_swaps(caption, random.Random(0))
+    assert len(swaps) == len(SHAPES) - 1 and caption not in swaps and len(set(swaps)) == len(swaps)
+    for swap in swaps:
+        changed = [(a, b) for a, b in zip(caption.split(), swap.split(), strict=True) if a != b]
+        assert len(changed) == 1 and changed[0][0] in SHAPES and changed[0][1] in SHAPES
+    assert pc.shape_swaps("a red thing", random.Random(0)) == []
+
+
+def test_clip_probe_scores_a_clip_that_only_sees_circles():
+    """A stand-in CLIP whose image embedding matches exactly the captions that mention a circle: the shape
+    probe then succeeds on the probed objects that are circles, and colour never wins (ties go to index 0)."""
+    from galip.clip_probe import attribute_probe
+    from galip.data.shapes import COLOUR_NAMES, ShapesWorld
+
+    class CircleCLIP:
+        geometry = type("G", (), {"image_size": 16})()
+
+        def image_taps(self, image, blocks):
+            return None, torch.tensor([[1.0, 0.0]])
+
+        def tokenize(self, captions):
+            return list(captions)
+
+        def encode_text(self, captions):
+            return torch.tensor([[1.0, 0.0] if "circle" in c else [0.0, 1.0] for c in captions])
+
+    n = 24
+    world = ShapesWorld(seed=0, split="val", length=n, image_size=16)
+    probed = [world.scene(i)[0].objects[i % len(world.scene(i)[0].objects)] for i in range(n)]
+    result = attribute_probe(CircleCLIP(), n_scenes=n)
+    assert result["shape"] == sum(o.shape == "circle" for o in probed) / n
+    assert 0 < result["shape"] < 1
+    assert result["colour"] == sum(COLOUR_NAMES.index(o.colour) == 0 for o in probed) / n

@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import random
+import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -30,12 +32,14 @@ import hydra
 import lightning as L
 import open_clip
 import torch
+import torch.nn.functional as F
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from galip.cache import artefact_dir, config_key, write_config
 from galip.clip import model_config
+from galip.data.shapes import SHAPES
 from galip.train import normalize_slot_overrides
 
 log = logging.getLogger("galip.pretrain_clip")
@@ -79,6 +83,25 @@ def retrieval_top1(
     }
 
 
+SHAPE_WORDS = re.compile("|".join(SHAPES))
+
+
+def shape_swaps(caption: str, rng: random.Random) -> list[str]:
+    """The caption with one of its shape words (picked by ``rng``) replaced by each of the other shapes.
+
+    Hard negatives: captions that match the image in everything but one object's shape. Plain in-batch
+    contrast never needs shape (colour, background and position already tell 128 scenes apart), and a CLIP
+    that cannot tell a circle from a square gives GALIP's generator no reason to draw either.
+    """
+    found = list(SHAPE_WORDS.finditer(caption))
+    if not found:
+        return []
+    word = rng.choice(found)
+    return [
+        caption[: word.start()] + other + caption[word.end() :] for other in SHAPES if other != word.group()
+    ]
+
+
 def scene_ids(batch: Mapping[str, Any]) -> torch.Tensor:
     """Per-sample rows of the shapes world's labels (equal rows <=> identical scenes); index rows otherwise."""
     labels = batch.get("labels")
@@ -111,6 +134,7 @@ class ContrastiveCLIP(L.LightningModule):
         max_logit_scale: float = 100.0,
         retrieval_batch: int = 64,
         status_every: int = 0,
+        shape_negatives_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -143,6 +167,10 @@ class ContrastiveCLIP(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch["image"], batch["tokens"])
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
+        if self.hparams.shape_negatives_weight:
+            hard = self.shape_negatives_loss(batch, out, batch_idx)
+            self.log("train/shape_negatives", hard, batch_size=len(batch["caption"]))
+            loss = loss + self.hparams.shape_negatives_weight * hard
         with torch.no_grad():
             sim = out["image_features"] @ out["text_features"].T
             own = torch.arange(sim.shape[0], device=sim.device)
@@ -152,6 +180,30 @@ class ContrastiveCLIP(L.LightningModule):
             batch_size=sim.shape[0],
         )
         return loss
+
+    def shape_negatives_loss(
+        self, batch: dict[str, Any], out: dict[str, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        """Cross-entropy of each image over its own caption and that caption's `shape_swaps` (label 0)."""
+        rng = random.Random(batch_idx)  # which shape word is swapped: fixed per step, so reruns agree
+        swaps = [shape_swaps(c, rng) for c in batch["caption"]]
+        keep = [i for i, s in enumerate(swaps) if s]
+        negatives = [c for i in keep for c in swaps[i]]
+        tokens = self.tokenizer(negatives).to(self.device)
+        neg = F.normalize(self.model.encode_text(tokens), dim=-1).view(
+            len(keep), -1, out["text_features"].shape[1]
+        )
+        img, own = out["image_features"][keep], out["text_features"][keep]
+        logits = out["logit_scale"] * torch.cat(
+            [(img * own).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", img, neg)], dim=1
+        )
+        return F.cross_entropy(logits, torch.zeros(len(keep), dtype=torch.long, device=self.device))
+
+    @property
+    def tokenizer(self):
+        if getattr(self, "_tokenizer", None) is None:
+            self._tokenizer = open_clip.SimpleTokenizer(context_length=self.model.context_length)
+        return self._tokenizer
 
     def on_train_start(self) -> None:
         self._started = time.perf_counter()
@@ -250,12 +302,20 @@ def artefact_config(cfg: DictConfig) -> dict[str, Any]:
         "model_cfg": architecture(cfg),
         "data": {"image_size": data.image_size, "batch_size": data.batch_size, "n_train": n_train(cfg)},
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "loss": _loss_key(cfg),
         "seed": cfg.seed,
         "data_seed": data.seed,
         "precision": str(cfg.trainer.precision),
         "save_dtype": cfg.cache.save_dtype,
     }
+
+
+def _loss_key(cfg: DictConfig) -> dict[str, Any]:
+    """The loss settings; an unused hard-negative term is left out, so keys made before it existed still hold."""
+    loss = OmegaConf.to_container(cfg.loss, resolve=True)
+    if not loss.get("shape_negatives_weight"):
+        loss.pop("shape_negatives_weight", None)
+    return loss
 
 
 def build_module(cfg: DictConfig) -> ContrastiveCLIP:
