@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402
+import speed
 
 
 def main(argv: list[str] | None = None) -> None:
