@@ -4,6 +4,7 @@ exactly, and a cache that finds an artefact again and keys it by config."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -115,8 +116,10 @@ def test_artefact_key_follows_what_determines_the_weights(tmp_path, monkeypatch)
         "seed=5",
         "data.batch_size=16",
         "clip.model_cfg.embed_dim=32",
+        "loss.shape_negatives_weight=1.0",
     ):
         assert directory(changed) != base, changed
+    assert directory("loss.shape_negatives_weight=0") == base  # an unused term leaves old keys valid
 
 
 def test_the_demo_setting_is_the_shipped_artefact_and_loads(tmp_path, monkeypatch):
@@ -230,3 +233,24 @@ def test_clip_probe_scores_a_clip_that_only_sees_circles():
     assert result["shape"] == sum(o.shape == "circle" for o in probed) / n
     assert 0 < result["shape"] < 1
     assert result["colour"] == sum(COLOUR_NAMES.index(o.colour) == 0 for o in probed) / n
+
+
+def test_shape_negatives_loss_trains_both_towers():
+    from galip.data.shapes import ShapesWorld
+
+    torch.manual_seed(0)
+    cfg = pc.compose_config(["loss.shape_negatives_weight=1.0"])
+    module = pc.build_module(cfg)
+    assert module.hparams.shape_negatives_weight == 1.0
+    world = ShapesWorld(seed=0, split="train", length=4, image_size=64)
+    items = [world[i] for i in range(4)]
+    batch = {"image": torch.stack([it["image"] for it in items]), "caption": [it["caption"] for it in items]}
+    out = module(batch["image"], module.tokenizer(batch["caption"]))
+    loss = module.shape_negatives_loss(batch, out, batch_idx=0)
+    # Four candidates per image (own caption + three swaps): near ln 4 for an untrained CLIP.
+    assert loss.ndim == 0 and torch.isfinite(loss) and abs(loss.item() - math.log(4)) < 0.5
+    loss.backward()
+    visual = next(p for n, p in module.model.named_parameters() if n.startswith("visual."))
+    text = module.model.token_embedding.weight
+    assert visual.grad is not None and visual.grad.abs().sum() > 0
+    assert text.grad is not None and text.grad.abs().sum() > 0
