@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -24,6 +23,7 @@ from galip.models.projected import ProjectedDiscriminator
 from galip.sweep_summary import main as summary_main
 from galip.sweep_summary import write_summary
 from galip.train import build_module
+from test_module import one_batch_trainer
 
 ABLATIONS = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
 COMPONENT_ROWS = ["baseline", "clip_d", "clip_d_ccm_csm", "bridge", "galip"]
@@ -62,16 +62,7 @@ def trained_one_step(cfg) -> tuple:
     clip = instantiate(cfg.clip)
     module = build_module(cfg, clip)
     before = {k: v.detach().clone() for k, v in module.state_dict().items() if not k.startswith("clip.")}
-    trainer = L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-    )
+    trainer = one_batch_trainer()
     trainer.fit(module, datamodule=instantiate(cfg.data, tokenizer=clip.tokenizer))
     return module, trainer, before
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from conftest import compose_config
+from galip.data.shapes import shape_swap, shape_swaps
 from galip.module import GALIPModule
 from galip.train import build_module
 
@@ -322,3 +324,79 @@ def test_checkpoint_has_no_clip_and_restores_g_and_d(step, tmp_path):
         assert torch.equal(value, saved_d[key]), key
     for key, value in fresh.clip.state_dict().items():  # CLIP comes from the config, not the file
         assert torch.equal(value, fresh_clip[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Hard negatives (model.hard_negatives): extra mismatched pairs for D
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hard_negatives_join_the_mismatch_term(smoke_module):
+    m = smoke_module
+    b, n, geo = 3, len(m.tap_blocks), m.clip.geometry
+    torch.manual_seed(0)
+    real = torch.randn(b, n, geo.width, geo.grid, geo.grid)
+    fake = torch.randn(b, n, geo.width, geo.grid, geo.grid)
+    sent = torch.randn(b, geo.embed_dim)
+    rows, hard_sent = torch.tensor([0, 2]), torch.randn(2, geo.embed_dim)
+    plain = m.discriminator_terms(real, fake, sent)
+    terms = m.discriminator_terms(real, fake, sent, (rows, hard_sent))
+    with torch.no_grad():  # by hand: hinge over the b rolled pairs and the 2 hard pairs, one mean
+        rolled = m.discriminator(real, torch.roll(sent, -1, 0)).flatten()
+        hard = m.discriminator(real[rows], hard_sent).flatten()
+        expected = torch.relu(1 + torch.cat([rolled, hard])).mean()
+    torch.testing.assert_close(terms["mismatch"], expected)
+    assert not torch.allclose(terms["mismatch"], plain["mismatch"])
+    for key in ("real", "fake", "magp"):
+        torch.testing.assert_close(terms[key], plain[key])
+    torch.testing.assert_close(
+        terms["loss"], terms["real"] + 0.5 * (terms["fake"] + terms["mismatch"]) + terms["magp"]
+    )
+
+
+def test_hard_negative_vectors_encode_the_swapped_captions_of_rows_that_have_one(smoke_module):
+    m = smoke_module
+    captions = ["a red circle", "no shape here", "a blue square"]
+    m.hard_negatives = shape_swap
+    try:
+        rows, vectors = m.hard_negative_vectors({"caption": captions})
+        assert rows.tolist() == [0, 2]
+        assert vectors.shape == (2, m.clip.geometry.embed_dim) and not vectors.requires_grad
+        # each vector is the text tower's embedding of one shape swap of that row's caption (one shape word
+        # per caption here, so shape_swaps lists all three candidates whatever the RNG)
+        for row, vector in zip(rows.tolist(), vectors, strict=True):
+            embedded = m.clip.encode_text(m.clip.tokenize(shape_swaps(captions[row], random.Random(0))))
+            assert torch.isclose(embedded, vector[None], atol=1e-5).all(dim=1).any()
+        with pytest.raises(KeyError, match="caption"):
+            m.hard_negative_vectors({"tokens": torch.zeros(1, 77, dtype=torch.long)})
+    finally:
+        m.hard_negatives = None
+    assert m.hard_negative_vectors({"caption": captions}) is None
+
+
+def test_step_with_hard_negatives_from_config(tmp_path):
+    cfg = compose_config(
+        [
+            "+experiment=smoke",
+            "data=shapes",  # captions with shape words, rendered in memory
+            "data.shards=null",
+            "data.n_train=8",
+            "data.n_val=4",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "+model.hard_negatives._target_=galip.data.shapes.shape_swap",
+            "+model.hard_negatives._partial_=true",
+        ],
+        output_dir=tmp_path,
+    )
+    module, datamodule = build(cfg)
+    assert module.hard_negatives.func is shape_swap
+    found: list = []
+    original = module.hard_negative_vectors
+    module.hard_negative_vectors = lambda batch: found.append(original(batch)) or found[-1]
+    trainer = one_batch_trainer()
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 2 and len(found) == 1
+    rows, vectors = found[0]
+    assert rows.tolist() == [0, 1, 2, 3] and vectors.shape[0] == 4  # every scene names a shape
+    assert torch.isfinite(trainer.callback_metrics["d/mismatch"])

@@ -98,6 +98,21 @@ def test_config_uses_the_tiny_clip_architecture_and_both_experiment_spellings(tm
     assert plain.data.image_size == TINY_CLIP_CFG["vision_cfg"]["image_size"]
 
 
+def test_composing_inside_another_hydra_job_keeps_that_jobs_name():
+    # A multirun's jobs name their log file after JobRuntime's name; composing the pretraining config from
+    # inside job 0 (the demo's resolver does) must not rename jobs 1.. to "pretrain_clip".
+    from hydra.core.utils import JobRuntime
+
+    runtime = JobRuntime.instance()
+    before = runtime.conf.get("name")
+    runtime.set("name", "train")
+    try:
+        pc.compose_config()
+        assert runtime.get("name") == "train"
+    finally:
+        runtime.set("name", before)
+
+
 def test_artefact_key_follows_what_determines_the_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
     monkeypatch.setenv("GALIP_NO_SHIPPED", "1")
@@ -116,10 +131,13 @@ def test_artefact_key_follows_what_determines_the_weights(tmp_path, monkeypatch)
         "seed=5",
         "data.batch_size=16",
         "clip.model_cfg.embed_dim=32",
-        "loss.shape_negatives_weight=1.0",
+        "loss.shape_negatives_weight=0.5",
+        "loss.shape_negatives_weight=0",
     ):
         assert directory(changed) != base, changed
-    assert directory("loss.shape_negatives_weight=0") == base  # an unused term leaves old keys valid
+    # An unused hard-negative term is left out of the key, so keys made before it existed still hold: the
+    # plain 400-step setting is the CLIP shipped until 2026-12-01.
+    assert directory("loss.shape_negatives_weight=0", "optim.steps=400").name == "5f3d85231b27"
 
 
 def test_the_demo_setting_is_the_shipped_artefact_and_loads(tmp_path, monkeypatch):
@@ -206,6 +224,12 @@ def test_shape_swaps_change_exactly_one_shape_word_to_each_other_shape():
         changed = [(a, b) for a, b in zip(caption.split(), swap.split(), strict=True) if a != b]
         assert len(changed) == 1 and changed[0][0] in SHAPES and changed[0][1] in SHAPES
     assert pc.shape_swaps("a red thing", random.Random(0)) == []
+    # shape_swap (D's hard negatives): one of those swaps, None without a shape word
+    from galip.data.shapes import shape_swap
+
+    picked = {shape_swap("a small red circle on a grey background", random.Random(i)) for i in range(20)}
+    assert picked == set(pc.shape_swaps("a small red circle on a grey background", random.Random(0)))
+    assert shape_swap("a red thing", random.Random(0)) is None
 
 
 def test_clip_probe_scores_a_clip_that_only_sees_circles():
@@ -254,3 +278,20 @@ def test_shape_negatives_loss_trains_both_towers():
     text = module.model.token_embedding.weight
     assert visual.grad is not None and visual.grad.abs().sum() > 0
     assert text.grad is not None and text.grad.abs().sum() > 0
+
+
+def test_probe_ranks_captions_by_any_score_and_checks_image_count():
+    from galip.clip_probe import attribute_probe, val_captions
+
+    class Geometry:
+        geometry = type("G", (), {"image_size": 16})()
+
+    n = 12
+    captions = val_captions(n)
+
+    def oracle(image, candidates):  # knows scene i's true caption: the probe must count every scene
+        return torch.tensor([float(c in captions) for c in candidates])
+
+    assert attribute_probe(Geometry(), n_scenes=n, score=oracle) == {"shape": 1.0, "colour": 1.0}
+    with pytest.raises(ValueError, match="3 images for 12 scenes"):
+        attribute_probe(Geometry(), n_scenes=n, images=torch.zeros(3, 3, 16, 16), score=oracle)

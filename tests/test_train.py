@@ -56,6 +56,22 @@ def test_smoke_experiment_end_to_end(tmp_path):
     assert saved.task_name == "smoke" and saved.clip.model_cfg.vision_cfg.layers == 4
     assert not (tmp_path / "outputs").exists()  # hydra.run.dir was honoured
 
+    # The run directory rebuilds the trained module, and the D probe reads it (scores are fractions).
+    import torch
+
+    from galip.clip_probe import probe_discriminator
+    from galip.train import module_from_run
+
+    module = module_from_run(run_dir)
+    state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
+    for key, value in module.discriminator.state_dict().items():
+        assert torch.equal(value, state[f"discriminator.{key}"]), key
+    assert not module.training
+    result = probe_discriminator(run_dir, n_scenes=4)
+    assert set(result) == {"shape", "colour"} and all(v in (0, 0.25, 0.5, 0.75, 1.0) for v in result.values())
+    with pytest.raises(FileNotFoundError, match="training run directory"):
+        module_from_run(tmp_path)
+
 
 # ---------------------------------------------------------------------------------------------
 # Configs

@@ -6,12 +6,21 @@ colour). GALIP's D and its CLIP loss can only pass on what this CLIP sees.
 
     python -m galip.clip_probe                      # the demo's shapes CLIP (shipped or cached)
     python -m galip.clip_probe path/to/clip.pt 400  # another checkpoint of the tiny architecture, N scenes
+    python -m galip.clip_probe --generator outputs/demo/<time>/generator.safetensors
+    python -m galip.clip_probe --discriminator outputs/demo/<time>   # the run's trained D, real scenes
+
+With ``--generator``, the images are a trained generator's samples for the scenes' captions instead, probed
+by the generator's own frozen CLIP: does that CLIP *believe* G drew the captioned shape? Set beside the
+independent judge's shape accuracy on the same kind of samples, a high score here and a chance one there
+means G satisfies its CLIP with patterns, not shapes. With ``--discriminator``, a trained D ranks the captions
+of real scenes by its logit: a D at chance on shape gives G no reason to draw shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,20 +33,63 @@ from galip.data.shapes import COLOUR_NAMES, SHAPES, Scene, ShapesWorld, pil_to_t
 ATTRIBUTES = {"shape": tuple(SHAPES), "colour": tuple(COLOUR_NAMES)}
 
 
+Score = Callable[[torch.Tensor, list[str]], torch.Tensor]  # ([1, 3, H, W], captions) -> one score each
+
+
+def clip_score(clip: FrozenCLIP) -> Score:
+    """Cosine similarity of the image embedding with each caption's."""
+
+    def score(image: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        _, embedding = clip.image_taps(image, [0])
+        return F.cosine_similarity(embedding, clip.encode_text(clip.tokenize(captions)))
+
+    return score
+
+
+def discriminator_score(module) -> Score:
+    """A trained GALIP D's logit for the image paired with each caption (real-image input, as in L_D)."""
+
+    def score(image: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        x = module.real_taps(image)
+        sent = module.clip.encode_text(module.clip.tokenize(captions))
+        return module.discriminator(x.expand(len(captions), *x.shape[1:]), sent).flatten()
+
+    return score
+
+
 @torch.no_grad()
-def attribute_probe(clip: FrozenCLIP, n_scenes: int = 400, seed: int = 0) -> dict[str, float]:
-    """Fraction of val scenes where the true caption beats every single-attribute swap, per attribute."""
+def attribute_probe(
+    clip: FrozenCLIP,
+    n_scenes: int = 400,
+    seed: int = 0,
+    images: torch.Tensor | None = None,
+    score: Score | None = None,
+) -> dict[str, float]:
+    """Fraction of val scenes where the true caption beats every single-attribute swap, per attribute.
+
+    ``images``: [n_scenes, 3, H, W] in [-1, 1] to probe instead of the rendered scenes (e.g. samples for
+    `val_captions`); row i stands for val scene i. ``score``: what ranks the captions (default
+    `clip_score` of ``clip``; `discriminator_score` asks a trained D instead).
+    """
     world = ShapesWorld(seed=seed, split="val", length=n_scenes, image_size=clip.geometry.image_size)
+    if images is not None and len(images) != n_scenes:
+        raise ValueError(f"{len(images)} images for {n_scenes} scenes")
+    score = score or clip_score(clip)
     hits = dict.fromkeys(ATTRIBUTES, 0)
     for i in range(n_scenes):
         scene, _ = world.scene(i)
-        _, image = clip.image_taps(pil_to_tensor(scene.render(world.image_size))[None], [0])
+        image = pil_to_tensor(scene.render(world.image_size)) if images is None else images[i]
         k = i % len(scene.objects)
         for attribute, values in ATTRIBUTES.items():
-            captions = [_swapped(scene, k, attribute, v).caption(i) for v in values]
-            sims = F.cosine_similarity(image, clip.encode_text(clip.tokenize(captions)))
-            hits[attribute] += int(sims.argmax()) == values.index(getattr(scene.objects[k], attribute))
+            scores = score(image[None], [_swapped(scene, k, attribute, v).caption(i) for v in values])
+            hits[attribute] += int(scores.argmax()) == values.index(getattr(scene.objects[k], attribute))
     return {attribute: count / n_scenes for attribute, count in hits.items()}
+
+
+def val_captions(n_scenes: int, seed: int = 0) -> list[str]:
+    """The captions `attribute_probe` treats as true for its ``n_scenes`` val scenes."""
+    world = ShapesWorld(seed=seed, split="val", length=n_scenes)
+    return [world.scene(i)[0].caption(i) for i in range(n_scenes)]
 
 
 def _swapped(scene: Scene, k: int, attribute: str, value: str) -> Scene:
@@ -47,7 +99,11 @@ def _swapped(scene: Scene, k: int, attribute: str, value: str) -> Scene:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--generator"]:
+        return probe_generator(argv[1], int(argv[2]) if len(argv) > 2 else 400)
+    if argv[:1] == ["--discriminator"]:
+        return probe_discriminator(argv[1], int(argv[2]) if len(argv) > 2 else 400)
     if argv:
         path = argv[0]
     else:
@@ -57,10 +113,31 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     n_scenes = int(argv[1]) if len(argv) > 1 else 400
     tiny = Path(__file__).parent / "conf" / "clip" / "tiny.yaml"
     clip = load_clip(name=None, model_cfg=yaml.safe_load(tiny.read_text())["model_cfg"], path=path)
-    result = attribute_probe(clip, n_scenes)
+    return _print(path, n_scenes, attribute_probe(clip, n_scenes))
+
+
+def probe_generator(export: str | Path, n_scenes: int = 400, seed: int = 0) -> dict[str, float]:
+    """`attribute_probe` of an exported generator's own CLIP on its samples (one per val caption)."""
+    from galip.sampling import Sampler
+
+    sampler = Sampler.from_export(export)
+    images = sampler.generate(val_captions(n_scenes), n=1, seed=seed, batch_size=64)
+    return _print(f"{export} (samples)", n_scenes, attribute_probe(sampler.clip, n_scenes, images=images))
+
+
+def probe_discriminator(run_dir: str | Path, n_scenes: int = 400) -> dict[str, float]:
+    """`attribute_probe` of a training run's D (``<run>/checkpoints/last.ckpt``) on real val scenes."""
+    from galip.train import module_from_run
+
+    module = module_from_run(run_dir)
+    score = discriminator_score(module)
+    return _print(f"{run_dir} (D)", n_scenes, attribute_probe(module.clip, n_scenes, score=score))
+
+
+def _print(what, n_scenes: int, result: dict[str, float]) -> dict[str, float]:
     chance = ", ".join(f"{a} {1 / len(v):.3f}" for a, v in ATTRIBUTES.items())
     print(
-        f"{path}: true caption over single-attribute swaps, {n_scenes} val scenes: "
+        f"{what}: true caption over single-attribute swaps, {n_scenes} val scenes: "
         + ", ".join(f"{a} {acc:.3f}" for a, acc in result.items())
         + f" (chance {chance})"
     )

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import galip
-from galip import d_inputs, losses
+from galip import augment, d_inputs, losses
 from galip.clip import FrozenCLIP
 from galip.models import Discriminator, Generator
 
@@ -47,6 +47,12 @@ class GALIPModule(L.LightningModule):
         channels_last: keep G's weights (and so its feature maps) in channels_last memory format: the same
             maths; on a CPU it speeds up G's forward (sampling) but slows a training step down
             (experiments/benchmarks.md), so it is off by default here and on in `galip.sampling`.
+        hard_negatives: ``f(caption, rng) -> caption | None``, e.g. `galip.data.shapes.shape_swap`: each
+            real image is also shown to D with ``f(its caption)`` as a mismatched pair (not in the paper; the
+            official mismatches are other captions of the batch). ``None`` = off.
+        augment_translation: DiffAugment-style random shift (up to this fraction of the image size) of the
+            real and fake images before D and the CLIP term see them (`galip.augment`; not in the paper).
+            0 = off, as in the official code.
     """
 
     def __init__(
@@ -66,6 +72,8 @@ class GALIPModule(L.LightningModule):
         nonfinite: str = "stop",
         d_input: str = "clip",
         channels_last: bool = False,
+        augment_translation: float = 0.0,
+        hard_negatives: Callable[[str, random.Random], str | None] | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
@@ -76,6 +84,8 @@ class GALIPModule(L.LightningModule):
         self.discriminator = discriminator
         self.tap_blocks = tuple(tap_blocks)
         self.d_input = d_inputs.d_input(d_input, clip, self.tap_blocks)
+        self.augment_translation = augment_translation
+        self.hard_negatives = hard_negatives
         self.optimizer_g = optimizer_g or _adam(1e-4)
         self.optimizer_d = optimizer_d or _adam(4e-4)
         self.sim_weight, self.magp_k, self.magp_p, self.grad_clip = sim_weight, magp_k, magp_p, grad_clip
@@ -110,6 +120,28 @@ class GALIPModule(L.LightningModule):
             self._noise_rng = torch.Generator(device=self.device).manual_seed(seed)
         return self._noise_rng
 
+    def augment(self, image: torch.Tensor) -> torch.Tensor:
+        """DiffAugment translation of what D and the CLIP term see (`galip.augment`); offsets come from the
+        checkpointed noise stream, so an augmented run resumes exactly too."""
+        return augment.translate(image, self.augment_translation, self.noise_rng())
+
+    def hard_negative_vectors(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Sentence vectors of ``hard_negatives(caption)`` for the batch rows that have one, or ``None``.
+
+        The Python RNG that picks the swaps is seeded from the checkpointed noise stream (exact resume)."""
+        if self.hard_negatives is None:
+            return None
+        if "caption" not in batch:
+            raise KeyError("model.hard_negatives needs the batch's captions (the 'caption' key)")
+        seed = int(torch.randint(2**62, (1,), device=self.device, generator=self.noise_rng()))
+        rng = random.Random(seed)
+        negatives = [self.hard_negatives(caption, rng) for caption in batch["caption"]]
+        rows = [i for i, c in enumerate(negatives) if c is not None]
+        if not rows:
+            return None
+        tokens = self.clip.tokenize([negatives[i] for i in rows]).to(self.device)
+        return torch.tensor(rows, device=self.device), self.clip.encode_text(tokens)
+
     def real_taps(self, image: torch.Tensor) -> torch.Tensor:
         """D's input for real images (CLIP taps, or pixels): no graph, MAGP differentiates w.r.t. it."""
         return self.d_input.real(image)
@@ -128,10 +160,14 @@ class GALIPModule(L.LightningModule):
         opt_g, opt_d = self.optimizers()
         real, sent = batch["image"], self.sentence_vectors(batch)
         fake = self.generator(self.noise(real.shape[0]), sent)
+        real, fake = self.augment(real), self.augment(fake)  # identity unless augment_translation > 0
         fake_taps, fake_emb = self.d_input.fake(fake)  # D's input for the fakes + CLIP embedding for L_G
 
+        hard = self.hard_negative_vectors(batch)
         d_terms = self.optimize(
-            opt_d, "d", lambda: self.discriminator_terms(self.real_taps(real), fake_taps.detach(), sent)
+            opt_d,
+            "d",
+            lambda: self.discriminator_terms(self.real_taps(real), fake_taps.detach(), sent, hard),
         )
         # The G step reuses this batch's fake (one G forward per iteration) and D's fresh weights.
         g_terms = self.optimize(
@@ -188,12 +224,18 @@ class GALIPModule(L.LightningModule):
         return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     def discriminator_terms(
-        self, real_taps: torch.Tensor, fake_taps: torch.Tensor, sent: torch.Tensor
+        self,
+        real_taps: torch.Tensor,
+        fake_taps: torch.Tensor,
+        sent: torch.Tensor,
+        hard: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """L_D: hinge on real / ½ fake / ½ mismatched pairs + MAGP on the real, matching pairs.
 
         Real and mismatched pairs share one pass of D's feature extractor (D = assess(features(x), s)), as
-        in the official code: the same values and gradients as two passes, for less compute.
+        in the official code: the same values and gradients as two passes, for less compute. ``hard``:
+        (rows, sentence vectors) of hard-negative captions (`hard_negative_vectors`), judged as further
+        mismatched pairs of those rows' real images; the mismatch term averages over both kinds.
         """
         real_taps = real_taps.detach().requires_grad_(True)
         sent_in = sent.detach().requires_grad_(True)
@@ -203,6 +245,10 @@ class GALIPModule(L.LightningModule):
             d_real = self.discriminator.assess(real_features, sent_in.float())
             penalty = losses.magp(d_real, (real_taps, sent_in), self.magp_k, self.magp_p)
         d_mis = self.discriminator.assess(real_features, losses.mismatch(sent))
+        if hard is not None:
+            rows, hard_sent = hard
+            d_hard = self.discriminator.assess(real_features[rows], hard_sent.detach())
+            d_mis = torch.cat([d_mis.flatten(), d_hard.flatten()])
         d_fake = self.discriminator(fake_taps, sent)
         return losses.discriminator_loss(d_real, d_fake, d_mis, penalty)
 

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -34,12 +33,13 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.utils import JobRuntime
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from galip.cache import artefact_dir, config_key, write_config
 from galip.clip import model_config
-from galip.data.shapes import SHAPES
+from galip.data.shapes import shape_swaps
 from galip.train import normalize_slot_overrides
 
 log = logging.getLogger("galip.pretrain_clip")
@@ -81,25 +81,6 @@ def retrieval_top1(
         "chance": 1.0 / batch_size,
         "n_pairs": n,
     }
-
-
-SHAPE_WORDS = re.compile("|".join(SHAPES))
-
-
-def shape_swaps(caption: str, rng: random.Random) -> list[str]:
-    """The caption with one of its shape words (picked by ``rng``) replaced by each of the other shapes.
-
-    Hard negatives: captions that match the image in everything but one object's shape. Plain in-batch
-    contrast never needs shape (colour, background and position already tell 128 scenes apart), and a CLIP
-    that cannot tell a circle from a square gives GALIP's generator no reason to draw either.
-    """
-    found = list(SHAPE_WORDS.finditer(caption))
-    if not found:
-        return []
-    word = rng.choice(found)
-    return [
-        caption[: word.start()] + other + caption[word.end() :] for other in SHAPES if other != word.group()
-    ]
 
 
 def scene_ids(batch: Mapping[str, Any]) -> torch.Tensor:
@@ -416,9 +397,14 @@ def report(path: Path, verb: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 @contextmanager
 def _own_hydra():
-    """Compose our config even from inside another Hydra app (e.g. galip.train), then give its state back."""
+    """Compose our config even from inside another Hydra app (e.g. galip.train), then give its state back.
+
+    Hydra keeps the job name in a process-wide `JobRuntime`; initialising ours renames the job, and a
+    multirun's later jobs would then log to ``pretrain_clip.log``. The outer name is put back with the rest.
+    """
     global_hydra = GlobalHydra.instance()
     outer = global_hydra.hydra if global_hydra.is_initialized() else None
+    outer_name = JobRuntime.instance().conf.get("name")
     global_hydra.clear()
     try:
         with hydra.initialize_config_dir(
@@ -426,6 +412,8 @@ def _own_hydra():
         ):
             yield
     finally:
+        if outer_name is not None:
+            JobRuntime.instance().set("name", outer_name)
         if outer is not None:
             GlobalHydra.instance().clear()
             GlobalHydra.instance().initialize(outer)

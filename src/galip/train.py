@@ -45,8 +45,32 @@ def build_module(cfg: DictConfig, clip: FrozenCLIP) -> GALIPModule:
         nonfinite=cfg.model.get("nonfinite", "stop"),
         d_input=d_input,
         channels_last=cfg.model.get("channels_last", False),
+        augment_translation=cfg.model.get("augment_translation", 0.0),
+        hard_negatives=instantiate(cfg.model.get("hard_negatives")),
         **cfg.model.loss,
     )
+
+
+def module_from_run(run_dir: str | Path, ckpt: str = "last.ckpt") -> GALIPModule:
+    """A finished run's GALIPModule (G, EMA, D) in eval mode: rebuilt from ``<run>/.hydra/config.yaml``,
+    weights from ``<run>/checkpoints/<ckpt>`` (which holds everything but the frozen CLIP)."""
+    run = Path(run_dir)
+    config_file, path = run / ".hydra" / "config.yaml", run / "checkpoints" / ckpt
+    for needed in (config_file, path):
+        if not needed.is_file():
+            raise FileNotFoundError(f"{needed} not found: is {run} a training run directory?")
+    register_resolvers()
+    cfg = OmegaConf.load(config_file)
+    module = build_module(cfg, instantiate(cfg.clip))
+    state = torch.load(str(path), map_location="cpu", weights_only=False)["state_dict"]  # our own run's file
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("clip.")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path} does not match its run config: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return module.eval().requires_grad_(False)
 
 
 def discriminator_shape(d_input: str, clip: FrozenCLIP, n_taps: int) -> dict[str, int]:

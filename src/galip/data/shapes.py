@@ -15,6 +15,8 @@ large objects reach 0.15 + 0.15 = 0.30, so distinct positions are enough.
 from __future__ import annotations
 
 import hashlib
+import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -223,6 +225,36 @@ def _relational(scene: Scene) -> str:
 
 
 TEMPLATES = (_plain, _background_first, _counted, _relational)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hard negatives: the caption with one shape word changed
+# ---------------------------------------------------------------------------------------------------------
+SHAPE_WORDS = re.compile("|".join(SHAPES))
+
+
+def shape_swaps(caption: str, rng: random.Random) -> list[str]:
+    """The caption with one of its shape words (picked by ``rng``) replaced by each of the other shapes.
+
+    Hard negatives: captions that match the image in everything but one object's shape. Plain in-batch
+    contrast never needs shape (colour, background and position already tell 128 scenes apart), and a CLIP
+    that cannot tell a circle from a square gives GALIP's generator no reason to draw either.
+    """
+    found = list(SHAPE_WORDS.finditer(caption))
+    if not found:
+        return []
+    word = rng.choice(found)
+    return [
+        caption[: word.start()] + other + caption[word.end() :] for other in SHAPES if other != word.group()
+    ]
+
+
+def shape_swap(caption: str, rng: random.Random) -> str | None:
+    """One hard negative: the caption with one shape word (picked by ``rng``) changed to another shape;
+    ``None`` when the caption names no shape. GALIP's D uses these as extra mismatched pairs
+    (``model.hard_negatives``): in-batch mismatches differ in colour and background, never only in shape."""
+    swaps = shape_swaps(caption, rng)
+    return rng.choice(swaps) if swaps else None
 
 
 # ---------------------------------------------------------------------------------------------------------
