@@ -20,13 +20,13 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from galip.clip import FrozenCLIP
 from galip.metrics.clipsim import CLIPSimilarity
 from galip.metrics.fid import FrechetDistance, make_fid
 from galip.metrics.protocol import score_generator
 from galip.metrics.reference_stats import load_reference, seed_fid
 from galip.models import Generator
 from galip.sampling import Sampler
+from galip.train import module_from_checkpoint
 from galip.world import register_resolvers
 
 
@@ -49,19 +49,14 @@ def load_sampler(ckpt: str | Path, device: str = "cpu", run_config: str | Path |
 
 
 def generator_from_lightning(path: Path, run_config: str | Path | None = None) -> Generator:
-    """G from a training checkpoint, rebuilt with the run's own config (``<run>/.hydra/config.yaml``)."""
+    """G from a training checkpoint (its EMA when the run kept one), rebuilt with the run's own config
+    (``<run>/.hydra/config.yaml``)."""
     config_file = Path(run_config) if run_config else path.resolve().parent.parent / ".hydra" / "config.yaml"
     if not config_file.is_file():
         raise FileNotFoundError(
             f"no run config at {config_file} to rebuild the generator of {path}: pass run_config=<run>/.hydra/config.yaml"
         )
-    cfg = OmegaConf.load(config_file)
-    clip: FrozenCLIP = instantiate(cfg.clip)
-    generator = instantiate(cfg.model.generator)(clip=clip)
-    state = torch.load(str(path), map_location="cpu", weights_only=False)["state_dict"]  # our own run's file
-    prefix = "generator_ema." if any(k.startswith("generator_ema.") for k in state) else "generator."
-    generator.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    return generator.eval().requires_grad_(False)
+    return module_from_checkpoint(path, config_file).sampling_generator
 
 
 def generate_fn(sampler: Sampler, batch_size: int):

@@ -404,7 +404,7 @@ def _own_hydra():
     """
     global_hydra = GlobalHydra.instance()
     outer = global_hydra.hydra if global_hydra.is_initialized() else None
-    outer_name = JobRuntime.instance().conf.get("name")
+    outer_name = JobRuntime.instance().get("name")
     global_hydra.clear()
     try:
         with hydra.initialize_config_dir(
@@ -412,8 +412,7 @@ def _own_hydra():
         ):
             yield
     finally:
-        if outer_name is not None:
-            JobRuntime.instance().set("name", outer_name)
+        JobRuntime.instance().set("name", outer_name)
         if outer is not None:
             GlobalHydra.instance().clear()
             GlobalHydra.instance().initialize(outer)

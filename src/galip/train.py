@@ -52,14 +52,19 @@ def build_module(cfg: DictConfig, clip: FrozenCLIP) -> GALIPModule:
 
 
 def module_from_run(run_dir: str | Path, ckpt: str = "last.ckpt") -> GALIPModule:
-    """A finished run's GALIPModule (G, EMA, D) in eval mode: rebuilt from ``<run>/.hydra/config.yaml``,
-    weights from ``<run>/checkpoints/<ckpt>`` (which holds everything but the frozen CLIP)."""
+    """A finished run's GALIPModule (G, EMA, D) in eval mode, from ``<run>/.hydra/config.yaml`` and
+    ``<run>/checkpoints/<ckpt>``."""
     run = Path(run_dir)
     config_file, path = run / ".hydra" / "config.yaml", run / "checkpoints" / ckpt
     for needed in (config_file, path):
         if not needed.is_file():
             raise FileNotFoundError(f"{needed} not found: is {run} a training run directory?")
-    register_resolvers()
+    return module_from_checkpoint(path, config_file)
+
+
+def module_from_checkpoint(path: str | Path, config_file: str | Path) -> GALIPModule:
+    """The GALIPModule of a training checkpoint (which holds everything but the frozen CLIP), rebuilt with
+    its run's config, in eval mode and frozen."""
     cfg = OmegaConf.load(config_file)
     module = build_module(cfg, instantiate(cfg.clip))
     state = torch.load(str(path), map_location="cpu", weights_only=False)["state_dict"]  # our own run's file
