@@ -66,6 +66,12 @@ LEVERS = {
     "hugepages": "THP_MEM_ALLOC_ENABLE=1: transparent huge pages for large CPU tensors (set by `import galip`)",
     "batched_affines": "all Affine MLPs of G in one matmul + one batched matmul per width",
     "fused_fusion": "each DFBlock's four elementwise ops as one autograd op",
+    "folded_upsample": "each GBlock's fuse1 and shortcut before its nearest upsample, and c1 of a 2x upsample as "
+    "one stride-2 transposed conv on the small map",
+    "gemm_attention": "the frozen CLIP blocks that need gradients run their attention projections as one "
+    "2-D matmul each (galip.clip.blocks), not nn.MultiheadAttention's broadcast bmm",
+    "small_convs_channels_last": "D's convs (7x7 maps) and G's conv to RGB in channels_last (oneDNN's NCHW "
+    "kernels are slow there)",
     "channels_last": "G's weights and activations in channels_last memory format",
     "cached_text": "sentence vectors precomputed (python -m galip.data.encode_text), not re-encoded per step",
     "compile": "torch.compile of G (compile time excluded: it happens in the warm-up; D is left eager, "
@@ -73,7 +79,15 @@ LEVERS = {
 }
 # galip's training defaults (cached_text needs the encode_text cache; compile is opt-in: minutes to compile
 # on a CPU). channels_last is galip's default for sampling (galip.sampling), not for training on a CPU.
-DEFAULT_LEVERS = ("module_step", "hugepages", "batched_affines", "fused_fusion")
+DEFAULT_LEVERS = (
+    "module_step",
+    "hugepages",
+    "batched_affines",
+    "fused_fusion",
+    "folded_upsample",
+    "small_convs_channels_last",
+    "gemm_attention",
+)
 LADDER = (*DEFAULT_LEVERS, "cached_text", "channels_last")
 STEP_ONLY = frozenset({"module_step", "cached_text"})
 
@@ -137,8 +151,11 @@ def geometry_spec(geometry: str) -> dict:
 def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DEFAULT_LEVERS):
     """A GALIPModule (default losses and optimizers) around a random-weight frozen CLIP, on ``device``."""
     from galip.clip import load_clip
+    from galip.clip.blocks import set_gemm_attention
     from galip.models import Discriminator, Generator
     from galip.module import GALIPModule
+
+    set_gemm_attention("gemm_attention" in levers)  # process-wide: the row about to run
 
     spec = geometry_spec(geometry)
     clip = load_clip(**spec["clip"])  # no pretrained tag, no path: random weights, offline
@@ -148,9 +165,16 @@ def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DE
         **spec["generator"],
         batched_affines="batched_affines" in levers,
         fused_fusion="fused_fusion" in levers,
+        folded_upsample="folded_upsample" in levers,
+        rgb_channels_last="small_convs_channels_last" in levers,
     )
     discriminator = Discriminator(
-        geo.width, geo.grid, geo.embed_dim, n_taps=len(spec["taps"]), **spec["discriminator"]
+        geo.width,
+        geo.grid,
+        geo.embed_dim,
+        n_taps=len(spec["taps"]),
+        **spec["discriminator"],
+        channels_last="small_convs_channels_last" in levers,
     )
     module = GALIPModule(
         clip, generator, discriminator, tap_blocks=spec["taps"], channels_last="channels_last" in levers

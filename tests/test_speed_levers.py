@@ -2,7 +2,8 @@
 
 Each lever is checked against the plain computation: the batched Affine MLPs against each Affine's own MLPs,
 the fused deep-fusion op against autograd's finite differences and the four plain ops, the optimised G
-(batched + fused + channels_last) against the plain G for images and gradients, and the benchmark's
+(batched + fused + folded upsample + channels_last) against the plain G for images and gradients, the folded
+upsample-conv against the upsample and conv it replaces, and the benchmark's
 official-computation step against the module's step for the weights after one update.
 """
 
@@ -18,14 +19,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from galip.models import Generator
+from galip.clip.blocks import _is_plain, run_block, set_gemm_attention
+from galip.models import Discriminator, Generator
 from galip.models.generator import set_execution
-from galip.models.layers import Affine, Conditioning, DFBlock, GBlock, _DeepFusion, condition
+from galip.models.layers import (
+    Affine,
+    Conditioning,
+    DFBlock,
+    GBlock,
+    _DeepFusion,
+    condition,
+    resize_nearest,
+    upsample2x_conv3x3,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import speed
 
 SMALL_G = {"ngf": 8, "code_ch": 8, "mid_ch": 4, "n_fusion_blocks": 2, "prompt_blocks": (1, 2)}
+
+
+@pytest.fixture(autouse=True)
+def _gemm_attention_back_on():
+    """speed.build_module sets the process-wide attention switch for its levers: leave it at the default."""
+    yield
+    set_gemm_attention(True)
 
 
 def _randomise_affines(module: torch.nn.Module, std: float = 0.3) -> None:
@@ -84,26 +102,104 @@ def test_deep_fusion_leaves_its_input_untouched():
     assert torch.equal(x, before)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_gblock_fused_equals_plain(channels_last):
-    torch.manual_seed(0)
-    block = GBlock(10, 6, 4, size=8)
-    _randomise_affines(block)
+def _plain_copy(block: torch.nn.Module) -> torch.nn.Module:
     plain = copy.deepcopy(block)
     for m in plain.modules():
         if isinstance(m, DFBlock):
             m.fused = False
+        elif isinstance(m, GBlock):
+            m.folded = False
+    return plain
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    ("in_ch", "out_ch", "in_size", "size"),
+    [
+        (6, 4, 4, 8),
+        (4, 4, 4, 8),
+        (6, 4, 7, 8),
+        (6, 4, 8, 8),
+        (6, 4, 4, 7),
+    ],  # 2×, 2× identity shortcut, 7->8, none, 1.75×
+)
+def test_gblock_fused_and_folded_equals_plain(channels_last, in_ch, out_ch, in_size, size):
+    torch.manual_seed(0)
+    block = GBlock(10, in_ch, out_ch, size=size)
+    _randomise_affines(block)
+    with torch.no_grad():
+        block.c1.bias.normal_()
+    plain = _plain_copy(block)
+    assert block.folded and not plain.folded
     if channels_last:
         block = block.to(memory_format=torch.channels_last)
-    x, y = torch.randn(2, 6, 4, 4), torch.randn(2, 10)
-    torch.testing.assert_close(block(x, condition(block, y, True)), plain(x, y), rtol=1e-5, atol=1e-5)
+    x, y = torch.randn(2, in_ch, in_size, in_size, requires_grad=True), torch.randn(2, 10)
+    want, got = plain(x, y), block(x, condition(block, y, True))
+    assert got.shape == want.shape == (2, out_ch, size, size)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(want)
+    want_grads = torch.autograd.grad(want, [x, *plain.parameters()], upstream)
+    got_grads = torch.autograd.grad(got, [x, *block.parameters()], upstream)
+    names = ["x", *(n for n, _ in plain.named_parameters())]
+    for name, g, w in zip(names, got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_upsample2x_conv3x3_is_the_conv_of_the_nearest_upsample():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.double)
+    w, b = torch.randn(4, 3, 3, 3, dtype=torch.double), torch.randn(4, dtype=torch.double)
+    want = F.conv2d(resize_nearest(x, 10), w, b, padding=1)
+    torch.testing.assert_close(upsample2x_conv3x3(x, w, b), want)
+    # each output phase reads its own 2×2 window: a one-hot input shows the folded taps are where they belong
+    one = torch.zeros(1, 1, 3, 3, dtype=torch.double)
+    one[0, 0, 1, 1] = 1.0
+    kernel = torch.arange(9, dtype=torch.double).view(1, 1, 3, 3)
+    torch.testing.assert_close(
+        upsample2x_conv3x3(one, kernel, None), F.conv2d(resize_nearest(one, 6), kernel, padding=1)
+    )
+    xg = x[:1, :2, :3, :3].clone().requires_grad_()
+    wg, bg = w[:2, :2].clone().requires_grad_(), b[:2].clone().requires_grad_()
+    assert torch.autograd.gradcheck(upsample2x_conv3x3, (xg, wg, bg))
+
+
+def test_discriminator_in_channels_last_gives_the_same_logits_and_magp_gradients():
+    """Values, first gradients and the double backward of a MAGP-style penalty agree across layouts."""
+    torch.manual_seed(0)
+    fast = Discriminator(width=16, grid=7, embed_dim=8, n_taps=3, out_ch=12, hidden=6)
+    with torch.no_grad():
+        for name, p in fast.named_parameters():
+            if name.endswith(("gamma", "beta")):
+                p.fill_(0.5)  # the gates start at 0: open them so every conv matters
+    plain = copy.deepcopy(fast)
+    plain.channels_last = False
+    assert fast.channels_last
+    taps, sent = torch.randn(2, 3, 16, 7, 7, requires_grad=True), torch.randn(2, 8, requires_grad=True)
+    grads = []
+    for d in (plain, fast):
+        logits = d(taps, sent)
+        g_taps, g_sent = torch.autograd.grad(logits.sum(), (taps, sent), create_graph=True)
+        penalty = (g_taps.pow(2).sum() + g_sent.pow(2).sum()).sqrt()
+        grads.append([logits, g_taps, *torch.autograd.grad(penalty, list(d.parameters()))])
+    assert fast.features(taps).is_contiguous(memory_format=torch.channels_last)
+    assert plain.features(taps).is_contiguous()
+    names = ["logits", "grad taps", *(n for n, _ in plain.named_parameters())]
+    for name, want, got in zip(names, *grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def _generator_pair(clip):
     torch.manual_seed(0)
-    plain = Generator(clip, **SMALL_G, batched_affines=False, fused_fusion=False)
+    plain = Generator(
+        clip,
+        **SMALL_G,
+        batched_affines=False,
+        fused_fusion=False,
+        folded_upsample=False,
+        rgb_channels_last=False,
+    )
     _randomise_affines(plain, std=0.1)
-    fast = set_execution(copy.deepcopy(plain), batched_affines=True, fused_fusion=True)
+    fast = set_execution(copy.deepcopy(plain), True, True, True, True)
     return plain, fast.to(memory_format=torch.channels_last)
 
 
@@ -111,6 +207,8 @@ def test_optimised_generator_gives_the_plain_generators_image_and_gradients(tiny
     plain, fast = _generator_pair(tiny_clip)
     assert all(m.fused for m in fast.modules() if isinstance(m, DFBlock))
     assert not any(m.fused for m in plain.modules() if isinstance(m, DFBlock))
+    assert all(m.folded for m in fast.modules() if isinstance(m, GBlock))
+    assert not any(m.folded for m in plain.modules() if isinstance(m, GBlock))
     torch.manual_seed(1)
     z, s = torch.randn(3, plain.nz), torch.randn(3, tiny_clip.geometry.embed_dim)
     want, got = plain(z, s), fast(z, s)
@@ -128,6 +226,24 @@ def test_optimised_generator_gives_the_plain_generators_image_and_gradients(tiny
             torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
 
 
+def test_rgb_conv_in_channels_last_returns_the_image_in_the_callers_layout(tiny_clip, monkeypatch):
+    plain, fast = _generator_pair(tiny_clip)
+    fast = fast.to(memory_format=torch.contiguous_format)  # NCHW maps, only the RGB conv goes channels_last
+    seen = []
+    monkeypatch.setattr(
+        fast.decoder.to_rgb,
+        "forward",
+        lambda x: (
+            seen.append(x) or F.conv2d(x, fast.decoder.to_rgb.weight, fast.decoder.to_rgb.bias, padding=1)
+        ),
+    )
+    z, s = torch.randn(2, plain.nz), torch.randn(2, tiny_clip.geometry.embed_dim)
+    got = fast(z, s)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) and not seen[0].is_contiguous()
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, plain(z, s), rtol=1e-4, atol=1e-5)
+
+
 def test_optimised_generator_in_inference_mode(tiny_clip):
     plain, fast = _generator_pair(tiny_clip)
     z, s = torch.randn(2, plain.nz), torch.randn(2, tiny_clip.geometry.embed_dim)
@@ -139,7 +255,7 @@ def test_execution_choices_are_not_architecture(tiny_clip):
     """Same parameters and state-dict keys, and nothing about execution in the rebuild config."""
     plain, fast = _generator_pair(tiny_clip)
     assert list(plain.state_dict()) == list(fast.state_dict())
-    assert "batched_affines" not in fast.config and "fused_fusion" not in fast.config
+    assert not {"batched_affines", "fused_fusion", "folded_upsample"} & set(fast.config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,3 +341,61 @@ def _thp_after_import(env_value: str | None) -> str:
 def test_import_galip_turns_huge_pages_on_unless_told_otherwise():
     assert _thp_after_import(None) == "1"
     assert _thp_after_import("0") == "0"
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP blocks with gradients: attention projections as 2-D matmuls
+# ---------------------------------------------------------------------------------------------
+
+
+def test_run_block_is_the_open_clip_block_in_values_and_gradients(tiny_clip):
+    block = tiny_clip.visual.transformer.resblocks[1]
+    assert _is_plain(block)
+    torch.manual_seed(0)
+    x = torch.randn(3, 66, tiny_clip.geometry.width, requires_grad=True)  # 64 patches + CLS + a prompt
+    want, got = block(x), run_block(block, x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    upstream = torch.randn_like(want)
+    torch.testing.assert_close(
+        torch.autograd.grad(got, x, upstream)[0],
+        torch.autograd.grad(want, x, upstream)[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    # the block's own weights get the same gradient too (the CLIP is frozen in GALIP, not in this function)
+    weight = block.attn.in_proj_weight
+    weight.requires_grad_(True)
+    try:
+        g_want = torch.autograd.grad(block(x).mul(upstream).sum(), weight)[0]
+        g_got = torch.autograd.grad(run_block(block, x).mul(upstream).sum(), weight)[0]
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-5)
+    finally:
+        weight.requires_grad_(False)
+
+
+def test_run_block_falls_back_to_the_block_itself():
+    calls = []
+
+    class Other(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x)
+            return x * 2
+
+    x = torch.ones(1, 2, 4)
+    assert torch.equal(run_block(Other(), x), x * 2) and len(calls) == 1
+    with torch.no_grad():  # without autograd open_clip's block (and MultiheadAttention's fused path) runs
+        assert torch.equal(run_block(Other(), x), x * 2) and len(calls) == 2
+
+
+def test_run_block_can_be_switched_off(tiny_clip, monkeypatch):
+    block = tiny_clip.visual.transformer.resblocks[0]
+    seen = []
+    monkeypatch.setattr(block, "forward", lambda x: seen.append(x) or x)
+    x = torch.randn(1, 65, tiny_clip.geometry.width, requires_grad=True)
+    run_block(block, x)
+    assert not seen  # the block's own forward is not called on the fast path
+    set_gemm_attention(False)
+    try:
+        assert run_block(block, x) is x and seen == [x]
+    finally:
+        set_gemm_attention(True)

@@ -13,6 +13,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from galip.clip.blocks import run_block
 from galip.clip.taps import add_cls_and_positions, tokens_to_map
 
 
@@ -25,7 +26,7 @@ def map_bridge(
     for i, block in enumerate(visual.transformer.resblocks):
         if i in slot:
             prompt = prompts[:, slot[i]].to(x.dtype)
-            x = block(torch.cat([x, prompt[:, None]], dim=1))[:, :-1]
+            x = run_block(block, torch.cat([x, prompt[:, None]], dim=1))[:, :-1]
         else:
-            x = block(x)
+            x = run_block(block, x)
     return tokens_to_map(x)

@@ -8,6 +8,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from galip.clip.blocks import run_block
+
 
 def embed_patches(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Patch conv -> tokens, CLS prepended, positions added, ``ln_pre``: [B, 1 + grid², width]."""
@@ -40,7 +42,7 @@ def image_taps(
     x = embed_patches(visual, pixels)
     maps: list[torch.Tensor | None] = [None] * len(blocks)
     for i in range(last + 1):
-        x = resblocks[i](x)
+        x = run_block(resblocks[i], x)
         if i in wanted:
             maps[wanted[i]] = tokens_to_map(x)
     embedding = image_embedding(visual, x) if with_embedding else None

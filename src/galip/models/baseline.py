@@ -75,6 +75,7 @@ def cnn_generator(
     ngf: int = 64,
     batched_affines: bool = True,
     fused_fusion: bool = True,
+    folded_upsample: bool = True,
     **galip_only,
 ) -> CNNGenerator:
     """Hydra target of the baseline row: a ``CNNGenerator`` from a (merged) GALIP generator config.
@@ -84,7 +85,7 @@ def cnn_generator(
     unknown = sorted(set(galip_only) - GALIP_ONLY_KEYS)
     if unknown:
         raise TypeError(f"cnn_generator got unexpected keys {unknown}")
-    return set_execution(CNNGenerator(clip, nz=nz, ngf=ngf), batched_affines, fused_fusion)
+    return set_execution(CNNGenerator(clip, nz=nz, ngf=ngf), batched_affines, fused_fusion, folded_upsample)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,11 +20,13 @@ class CLIPFeatureExtractor(nn.Module):
         self.blocks = nn.ModuleList(DBlock(width, width, takes_clip_feature=True) for _ in range(n_taps - 1))
         self.main = DBlock(width, out_ch, takes_clip_feature=False)
 
-    def forward(self, taps: torch.Tensor) -> torch.Tensor:
-        """[B, n_taps, width, g, g] -> [B, out_ch, g, g]."""
-        out = taps[:, 0]
+    def forward(
+        self, taps: torch.Tensor, memory_format: torch.memory_format = torch.preserve_format
+    ) -> torch.Tensor:
+        """[B, n_taps, width, g, g] -> [B, out_ch, g, g], its convs run in ``memory_format``."""
+        out = taps[:, 0].to(memory_format=memory_format)
         for i, block in enumerate(self.blocks):
-            out = block(out, taps[:, i + 1])
+            out = block(out, taps[:, i + 1].to(memory_format=memory_format))
         return self.main(out)
 
 
@@ -48,21 +50,34 @@ class QualityAssessor(nn.Module):
 
 
 class Discriminator(nn.Module):
-    """Mate-D: the learnable part of GALIP's discriminator (the frozen CLIP stays outside)."""
+    """Mate-D: the learnable part of GALIP's discriminator (the frozen CLIP stays outside).
+
+    ``channels_last`` is an execution choice (same values and gradients, same weights): D's convs run on
+    channels_last maps, where oneDNN's kernels for these small 7×7 maps are faster than the NCHW ones
+    (experiments/benchmarks.md). False runs them as the official code does.
+    """
 
     def __init__(
-        self, width: int, grid: int, embed_dim: int, n_taps: int = 3, out_ch: int = 512, hidden: int = 128
+        self,
+        width: int,
+        grid: int,
+        embed_dim: int,
+        n_taps: int = 3,
+        out_ch: int = 512,
+        hidden: int = 128,
+        channels_last: bool = True,
     ):
         super().__init__()
         self.extractor = CLIPFeatureExtractor(width, n_taps, out_ch)
         self.assessor = QualityAssessor(out_ch, embed_dim, grid, hidden)
+        self.channels_last = channels_last
 
     def forward(self, taps: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
         return self.assess(self.features(taps), sent_emb)
 
     # D(x, s) = assess(features(x), s): real and mismatched pairs share one feature pass (as officially).
     def features(self, taps: torch.Tensor) -> torch.Tensor:
-        return self.extractor(taps)
+        return self.extractor(taps, torch.channels_last if self.channels_last else torch.preserve_format)
 
     def assess(self, features: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
         return self.assessor(features, sent_emb)

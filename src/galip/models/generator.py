@@ -76,7 +76,14 @@ def decoder_channels(ngf: int, n_blocks: int, max_mult: int = 8) -> list[int]:
 
 
 class ImageDecoder(nn.Module):
-    """Seed feature -> image: a 5×5 conv from CLIP width, GBlocks, then LeakyReLU + conv to RGB (no tanh)."""
+    """Seed feature -> image: a 5×5 conv from CLIP width, GBlocks, then LeakyReLU + conv to RGB (no tanh).
+
+    ``rgb_channels_last`` (execution, set by `set_execution`): the conv to RGB runs on a channels_last copy
+    of its input (oneDNN's NCHW kernels for 3 output channels are slow, its backward most of all); the
+    image comes back in the input's layout.
+    """
+
+    rgb_channels_last = True
 
     def __init__(self, cond_dim: int, width: int, grid: int, image_size: int, ngf: int = 64):
         super().__init__()
@@ -93,7 +100,10 @@ class ImageDecoder(nn.Module):
         x = self.stem(seed)
         for block in self.blocks:
             x = block(x, cond)
-        return self.to_rgb(F.leaky_relu(x, 0.2))
+        x = F.leaky_relu(x, 0.2)
+        if self.rgb_channels_last and not x.is_contiguous(memory_format=torch.channels_last):
+            return self.to_rgb(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        return self.to_rgb(x)
 
 
 class Generator(nn.Module):
@@ -106,10 +116,12 @@ class Generator(nn.Module):
         prompt_blocks: 0-based CLIP blocks that get a predicted prompt (paper 1..8).
         use_clip_mapper: False drops the CLIP branch (ablation "w/o CLIP in G"): seed = conv(bridge).
         mapped_scale: weight of the CLIP-mapped feature added to the bridge feature (paper 0.1).
-        batched_affines, fused_fusion: execution choices, not architecture (same maths, same weights,
-            not stored in ``config``): all Affine MLPs computed together (`layers.Conditioning`), and each
-            DFBlock's elementwise steps as one op (`layers.DFBlock`). False, False is the official code's
-            way of running it; see `set_execution`.
+        batched_affines, fused_fusion, folded_upsample, rgb_channels_last: execution choices, not
+            architecture (same maths, same weights, not stored in ``config``): all Affine MLPs computed
+            together (`layers.Conditioning`), each DFBlock's elementwise steps as one op (`layers.DFBlock`),
+            each GBlock's upsample folded into its first conv (`layers.GBlock`), and the conv to RGB in
+            channels_last (`ImageDecoder`). All False is the official code's way of running it; see
+            `set_execution`.
     """
 
     def __init__(
@@ -125,6 +137,8 @@ class Generator(nn.Module):
         mapped_scale: float = 0.1,
         batched_affines: bool = True,
         fused_fusion: bool = True,
+        folded_upsample: bool = True,
+        rgb_channels_last: bool = True,
     ):
         super().__init__()
         geo = clip.geometry
@@ -151,7 +165,7 @@ class Generator(nn.Module):
             PromptPredictor(cond_dim, len(self.prompt_blocks), geo.width) if self.prompt_blocks else None
         )
         self.decoder = ImageDecoder(cond_dim, geo.width, geo.grid, geo.image_size, ngf)
-        set_execution(self, batched_affines, fused_fusion)
+        set_execution(self, batched_affines, fused_fusion, folded_upsample, rgb_channels_last)
 
     @property
     def clip(self) -> FrozenCLIP:
@@ -169,12 +183,22 @@ class Generator(nn.Module):
         return self.decoder(seed, y)
 
 
-def set_execution(generator: nn.Module, batched_affines: bool = True, fused_fusion: bool = True) -> nn.Module:
-    """Choose how a generator runs its text conditioning (same maths either way; see `Generator`)."""
+def set_execution(
+    generator: nn.Module,
+    batched_affines: bool = True,
+    fused_fusion: bool = True,
+    folded_upsample: bool = True,
+    rgb_channels_last: bool = True,
+) -> nn.Module:
+    """Choose how a generator runs its blocks (same maths either way; see `Generator`)."""
     generator.batched_affines = batched_affines
     for module in generator.modules():
         if isinstance(module, DFBlock):
             module.fused = fused_fusion
+        elif isinstance(module, GBlock):
+            module.folded = folded_upsample
+        elif isinstance(module, ImageDecoder):
+            module.rgb_channels_last = rgb_channels_last
     return generator
 
 

@@ -175,10 +175,42 @@ class FusionBlock(nn.Module):
         return self.shortcut(x) + h
 
 
-class GBlock(nn.Module):
-    """Decoder block: nearest upsample to ``size``, then a DF-fused residual pair of 3×3 convs."""
+def resize_nearest(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Legacy "nearest" resize to size × size (not nearest-exact: 7->8 duplicates row/col 0, as trained)."""
+    return F.interpolate(x, size=(size, size), mode="nearest")
 
-    def __init__(self, cond_dim: int, in_ch: int, out_ch: int, size: int):
+
+def _fold_taps(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """The 3 taps along ``dim`` of a padded 3-wide conv seen through a 2× nearest upsample, as the 4 taps of
+    a stride-2 transposed conv: output 2i reads inputs (i-1, i) with (w0, w1+w2), output 2i+1 reads (i, i+1)
+    with (w0+w1, w2); transposed-conv tap k feeds output 2i+k-1, so the taps are (w2, w1+w2, w0+w1, w0)."""
+    w0, w1, w2 = weight.unbind(dim)
+    return torch.stack((w2, w1 + w2, w0 + w1, w0), dim)
+
+
+def upsample2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv2d(resize_nearest(x, 2H), weight, bias, padding=1)`` without making the upsampled map.
+
+    One stride-2 transposed conv with a 4×4 kernel folded from the 3×3 one (`_fold_taps`): 16 instead of
+    36 multiply-adds per input pixel and channel pair, and the saved input is the small map. Same function
+    up to float summation order; the gradient reaches ``weight`` through the fold.
+    """
+    kernel = _fold_taps(_fold_taps(weight, 2), 3).transpose(0, 1).contiguous()  # [in, out, 4, 4]
+    if x.is_contiguous(memory_format=torch.channels_last):
+        kernel = kernel.to(memory_format=torch.channels_last)
+    return F.conv_transpose2d(x, kernel, bias, stride=2, padding=1)
+
+
+class GBlock(nn.Module):
+    """Decoder block: nearest upsample to ``size``, then a DF-fused residual pair of 3×3 convs.
+
+    ``folded`` (the default) runs the same function with the upsample moved inside: fuse1 and the 1×1
+    shortcut act per pixel, so they commute with a nearest resize and run on the small input; for an exact
+    2× step, c1 of the upsampled map is one transposed conv on the small map (`upsample2x_conv3x3`).
+    False runs it as the official code does (upsample first, everything at the output size).
+    """
+
+    def __init__(self, cond_dim: int, in_ch: int, out_ch: int, size: int, folded: bool = True):
         super().__init__()
         self.size = size
         self.c1 = nn.Conv2d(in_ch, out_ch, 3, 1, 1)
@@ -186,13 +218,24 @@ class GBlock(nn.Module):
         self.fuse1 = DFBlock(cond_dim, in_ch)
         self.fuse2 = DFBlock(cond_dim, out_ch)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+        self.folded = folded
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | Conditioning) -> torch.Tensor:
-        # Legacy "nearest" (not nearest-exact) is architecture: 7->8 duplicates row/col 0, as trained.
-        x = F.interpolate(x, size=(self.size, self.size), mode="nearest")
-        h = self.c1(self.fuse1(x, y))
+        if not self.folded:
+            x = resize_nearest(x, self.size)
+            h = self.c1(self.fuse1(x, y))
+            h = self.c2(self.fuse2(h, y))
+            return self.shortcut(x) + h
+        h = self.fuse1(x, y)
+        if x.shape[-2:] == (self.size // 2, self.size // 2) and self.size % 2 == 0:
+            h = upsample2x_conv3x3(h, self.c1.weight, self.c1.bias)
+        else:
+            h = self.c1(self._resize(h))
         h = self.c2(self.fuse2(h, y))
-        return self.shortcut(x) + h
+        return h.add_(self._resize(self.shortcut(x)))  # c2's output is saved by no backward: add in place
+
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.shape[-2:] == (self.size, self.size) else resize_nearest(x, self.size)
 
 
 class DBlock(nn.Module):
