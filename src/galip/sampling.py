@@ -19,7 +19,7 @@ class Sampler:
 
     def __init__(self, generator: Generator, device: str | torch.device = "cpu", channels_last: bool = True):
         self.device = torch.device(device)
-        # channels_last: same images, a faster G forward (ViT-B/32, 2-core CPU, B=8: 7.0 s -> 5.6 s; experiments/benchmarks.md).
+        # channels_last: same images, a faster G forward (ViT-B/32, 2-core CPU, B=8: 3.9 s -> 2.4 s; experiments/benchmarks.md).
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.generator = generator.to(self.device, memory_format=memory_format)
         self.generator.clip.to(self.device)
