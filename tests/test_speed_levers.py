@@ -383,8 +383,6 @@ def test_run_block_falls_back_to_the_block_itself():
 
     x = torch.ones(1, 2, 4)
     assert torch.equal(run_block(Other(), x), x * 2) and len(calls) == 1
-    with torch.no_grad():  # without autograd open_clip's block (and MultiheadAttention's fused path) runs
-        assert torch.equal(run_block(Other(), x), x * 2) and len(calls) == 2
 
 
 def test_run_block_can_be_switched_off(tiny_clip, monkeypatch):
@@ -394,6 +392,9 @@ def test_run_block_can_be_switched_off(tiny_clip, monkeypatch):
     x = torch.randn(1, 65, tiny_clip.geometry.width, requires_grad=True)
     run_block(block, x)
     assert not seen  # the block's own forward is not called on the fast path
+    with torch.no_grad():  # without autograd open_clip's block (and MultiheadAttention's fused path) runs
+        assert run_block(block, x) is x and seen == [x]
+    seen.clear()
     set_gemm_attention(False)
     try:
         assert run_block(block, x) is x and seen == [x]

@@ -83,10 +83,9 @@ class ImageDecoder(nn.Module):
     image comes back in the input's layout.
     """
 
-    rgb_channels_last = True
-
     def __init__(self, cond_dim: int, width: int, grid: int, image_size: int, ngf: int = 64):
         super().__init__()
+        self.rgb_channels_last = True
         sizes = decoder_sizes(grid, image_size)
         chans = decoder_channels(ngf, len(sizes))
         self.stem = nn.Conv2d(width, chans[0], 5, 1, 2)
