@@ -18,14 +18,19 @@ import torch
 import torch.nn.functional as F
 
 
-def best_of(fn, repeats: int = 5) -> float:
+def repeat_times(fn, repeats: int = 5) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn`` after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
+
+
+def best_of(fn, repeats: int = 5) -> float:
+    return min(repeat_times(fn, repeats))
 
 
 def main() -> None:

@@ -268,3 +268,45 @@ def test_discriminator_at_init_on_vitb32_taps(vitb32_discriminator):
     taps, s = torch.randn(2, 3, 768, 7, 7), torch.randn(2, 512)
     with torch.no_grad():
         torch.testing.assert_close(d(taps, s), d.assessor(d.extractor.main.conv_s(taps[:, 0]), s))
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding head (model.discriminator.embedding_head, off by default)
+# ---------------------------------------------------------------------------------------------
+
+
+def small_discriminator(embedding_head: bool) -> Discriminator:
+    torch.manual_seed(0)
+    return Discriminator(
+        width=16, grid=4, embed_dim=8, n_taps=2, out_ch=12, hidden=6, embedding_head=embedding_head
+    )
+
+
+def test_embedding_head_starts_as_galips_d_and_needs_the_embedding():
+    plain, headed = small_discriminator(False), small_discriminator(True)
+    assert not plain.reads_embedding and headed.reads_embedding
+    taps, s, e = torch.randn(3, 2, 16, 4, 4), torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(headed(taps, s, e), plain(taps, s))  # same init, last head layer at 0
+    with pytest.raises(ValueError, match="embedding_head"):
+        headed(taps, s)
+
+
+def test_embedding_head_logit_by_hand_and_its_gradients():
+    d = small_discriminator(True)
+    head = d.embedding_head
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn_like(p))
+    taps, s, e = torch.randn(3, 2, 16, 4, 4), torch.randn(3, 8), torch.randn(3, 8)
+    e_hat, s_hat = e / e.norm(dim=1, keepdim=True), s / s.norm(dim=1, keepdim=True)
+    lin1, lin2 = head.net[0], head.net[2]
+    h = torch.nn.functional.leaky_relu(e_hat @ lin1.weight.T + lin1.bias, 0.2) @ lin2.weight.T + lin2.bias
+    expected = (h * s_hat).sum(1) + h @ head.unconditional.weight[0]
+    with torch.no_grad():
+        torch.testing.assert_close(d(taps, s, e) - d.assessor(d.features(taps), s), expected)
+    e.requires_grad_(True)
+    d(taps, s, e).sum().backward()
+    assert e.grad is not None and e.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())

@@ -400,3 +400,67 @@ def test_step_with_hard_negatives_from_config(tmp_path):
     rows, vectors = found[0]
     assert rows.tolist() == [0, 1, 2, 3] and vectors.shape[0] == 4  # every scene names a shape
     assert torch.isfinite(trainer.callback_metrics["d/mismatch"])
+
+
+# ---------------------------------------------------------------------------------------------
+# D's embedding head (model.discriminator.embedding_head): D also reads CLIP's pooled embedding
+# ---------------------------------------------------------------------------------------------
+
+
+def headed_cfg(output_dir, *extra: str):
+    return compose_config(
+        ["+experiment=smoke", "+model.discriminator.embedding_head=true", *extra], output_dir
+    )
+
+
+def test_embedding_head_terms_by_hand(tmp_path):
+    module, _ = build(headed_cfg(tmp_path), seed=2)
+    d = module.discriminator
+    assert module.discriminator_reads_embedding
+    with torch.no_grad():
+        for p in d.embedding_head.parameters():  # a head that is not zero, so it shows in every term
+            p.copy_(torch.randn_like(p) * 0.3)
+    b, n, geo = 3, len(module.tap_blocks), module.clip.geometry
+    real, fake = (
+        torch.randn(b, n, geo.width, geo.grid, geo.grid),
+        torch.randn(b, n, geo.width, geo.grid, geo.grid),
+    )
+    sent, real_emb, fake_emb = (
+        torch.randn(b, geo.embed_dim),
+        torch.randn(b, geo.embed_dim),
+        torch.randn(b, geo.embed_dim),
+    )
+    rows, hard_sent = torch.tensor([1]), torch.randn(1, geo.embed_dim)
+    terms = module.discriminator_terms(real, fake, sent, (rows, hard_sent), (real_emb, fake_emb))
+
+    x, s, e = (t.clone().requires_grad_(True) for t in (real, sent, real_emb))
+    d_real = d(x, s, e)
+    grads = torch.autograd.grad(d_real.sum(), (x, s, e))
+    norms = torch.cat([g.flatten(1) for g in grads], 1).norm(dim=1)
+    with torch.no_grad():
+        mis = torch.cat(
+            [d(real, torch.roll(sent, -1, 0), real_emb), d(real[rows], hard_sent, real_emb[rows])]
+        )
+        torch.testing.assert_close(terms["real"], torch.relu(1 - d_real).mean())
+        torch.testing.assert_close(terms["fake"], torch.relu(1 + d(fake, sent, fake_emb)).mean())
+        torch.testing.assert_close(terms["mismatch"], torch.relu(1 + mis).mean())
+        torch.testing.assert_close(terms["magp"], module.magp_k * norms.pow(module.magp_p).mean())
+    # MAGP sees the embedding: without its gradient the penalty is a different number
+    without_e = torch.cat([g.flatten(1) for g in grads[:2]], 1).norm(dim=1)
+    assert not torch.allclose(terms["magp"], module.magp_k * without_e.pow(module.magp_p).mean())
+
+
+def test_step_with_embedding_head_trains_the_head_and_feeds_it_clip_embeddings(tmp_path):
+    module, datamodule = build(headed_cfg(tmp_path), seed=3)
+    before = snapshot(module.discriminator)
+    seen: list = []
+    original = module.d_input.real_with_embedding
+    module.d_input.real_with_embedding = lambda image: seen.append(original(image)) or seen[-1]
+    trainer = one_batch_trainer()
+    trainer.fit(module, datamodule=datamodule)
+    taps, embedding = seen[0]
+    assert embedding.shape == (taps.shape[0], module.clip.geometry.embed_dim) and embedding.grad_fn is None
+    # the head's last layer starts at zero, so the first step moves it (and only it: h = 0 blocks the rest)
+    head_changed = {k for k in changed(before, module.discriminator) if k.startswith("embedding_head.")}
+    assert head_changed == {"embedding_head.net.2.weight", "embedding_head.net.2.bias"}
+    assert torch.isfinite(trainer.callback_metrics["d/magp"])

@@ -4,7 +4,9 @@ The training step asks its D input for two things and is otherwise the same for 
 
 * ``real(image)``: D's input for real images, without a graph (MAGP differentiates w.r.t. this tensor and
   the sentence vector, so nothing needs to flow back through CLIP for real images);
-* ``fake(image)``: D's input for G's images, with a graph, and the CLIP image embedding of the G loss.
+* ``fake(image)``: D's input for G's images, with a graph, and the CLIP image embedding of the G loss;
+* ``real_with_embedding(image)``: ``real(image)`` and CLIP's image embedding, both without a graph (for a
+  D that also reads the embedding, `galip.models.discriminator.EmbeddingHead`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class CLIPTaps:
             taps, _ = self._clip[0].image_taps(image, self.tap_blocks, with_embedding=False)
         return taps
 
+    def real_with_embedding(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            return self._clip[0].image_taps(image, self.tap_blocks, with_embedding=True)
+
     def fake(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One CLIP pass gives both the taps and the embedding."""
         taps, embedding = self._clip[0].image_taps(image, self.tap_blocks, with_embedding=True)
@@ -45,6 +51,12 @@ class Pixels:
         if image.shape[-2:] == (size, size):
             return image.detach()
         return F.interpolate(image.detach(), size=(size, size), mode="bilinear", antialias=True)
+
+    def real_with_embedding(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        clip = self._clip[0]
+        with torch.no_grad():
+            _, embedding = clip.image_taps(image, (clip.geometry.depth - 1,), with_embedding=True)
+        return self.real(image), embedding
 
     def fake(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The G loss still needs CLIP's image embedding; the last block's tap is a by-product, dropped."""

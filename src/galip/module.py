@@ -146,6 +146,26 @@ class GALIPModule(L.LightningModule):
         """D's input for real images (CLIP taps, or pixels): no graph, MAGP differentiates w.r.t. it."""
         return self.d_input.real(image)
 
+    @property
+    def discriminator_reads_embedding(self) -> bool:
+        """D has an embedding head (`galip.models.discriminator.EmbeddingHead`): it also reads CLIP's
+        pooled image embedding, of the reals (no graph) and of the fakes (with G's graph in the G step)."""
+        return getattr(self.discriminator, "reads_embedding", False)
+
+    def d_logits(
+        self,
+        d_input: torch.Tensor,
+        sent: torch.Tensor,
+        embedding: torch.Tensor | None = None,
+        features: bool = False,
+    ) -> torch.Tensor:
+        """D's logits for (input, sentence) pairs; ``embedding`` is passed on only to a D that reads it.
+        ``features``: ``d_input`` is already ``discriminator.features(...)`` (shared by several pairs)."""
+        kwargs = {"embedding": embedding} if self.discriminator_reads_embedding else {}
+        if features:
+            return self.discriminator.assess(d_input, sent, **kwargs)
+        return self.discriminator(d_input, sent, **kwargs)
+
     def trainable_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]
 
@@ -164,17 +184,24 @@ class GALIPModule(L.LightningModule):
         fake_taps, fake_emb = self.d_input.fake(fake)  # D's input for the fakes + CLIP embedding for L_G
 
         hard = self.hard_negative_vectors(batch)
+        if self.discriminator_reads_embedding:  # D's embedding head: CLIP's embedding of reals and fakes
+            real_taps, real_emb = self.d_input.real_with_embedding(real)
+            embeddings = (real_emb, fake_emb.detach())
+        else:
+            real_taps, embeddings = self.real_taps(real), None
         d_terms = self.optimize(
             opt_d,
             "d",
-            lambda: self.discriminator_terms(self.real_taps(real), fake_taps.detach(), sent, hard),
+            lambda: self.discriminator_terms(real_taps, fake_taps.detach(), sent, hard, embeddings),
         )
         # The G step reuses this batch's fake (one G forward per iteration) and D's fresh weights.
         g_terms = self.optimize(
             opt_g,
             "g",
             lambda: losses.generator_loss(
-                self.discriminator(fake_taps, sent), losses.clip_similarity(fake_emb, sent), self.sim_weight
+                self.d_logits(fake_taps, sent, fake_emb),
+                losses.clip_similarity(fake_emb, sent),
+                self.sim_weight,
             ),
         )
 
@@ -229,6 +256,7 @@ class GALIPModule(L.LightningModule):
         fake_taps: torch.Tensor,
         sent: torch.Tensor,
         hard: tuple[torch.Tensor, torch.Tensor] | None = None,
+        embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """L_D: hinge on real / ½ fake / ½ mismatched pairs + MAGP on the real, matching pairs.
 
@@ -236,20 +264,30 @@ class GALIPModule(L.LightningModule):
         in the official code: the same values and gradients as two passes, for less compute. ``hard``:
         (rows, sentence vectors) of hard-negative captions (`hard_negative_vectors`), judged as further
         mismatched pairs of those rows' real images; the mismatch term averages over both kinds.
+        ``embeddings``: (reals', fakes') CLIP image embeddings, for a D with an embedding head; MAGP then
+        also differentiates w.r.t. the real embedding (it is one more input D reads for the real pairs).
         """
         real_taps = real_taps.detach().requires_grad_(True)
         sent_in = sent.detach().requires_grad_(True)
+        real_emb = fake_emb = None
+        inputs = [real_taps, sent_in]
+        if embeddings is not None:
+            real_emb = embeddings[0].detach().float().requires_grad_(True)
+            fake_emb = embeddings[1].detach()
+            inputs.append(real_emb)
         # The real branch (and so MAGP's double backward) runs in fp32 whatever the training precision.
         with torch.autocast(device_type=self.device.type, enabled=False):
             real_features = self.discriminator.features(real_taps.float())
-            d_real = self.discriminator.assess(real_features, sent_in.float())
-            penalty = losses.magp(d_real, (real_taps, sent_in), self.magp_k, self.magp_p)
-        d_mis = self.discriminator.assess(real_features, losses.mismatch(sent))
+            d_real = self.d_logits(real_features, sent_in.float(), real_emb, features=True)
+            penalty = losses.magp(d_real, inputs, self.magp_k, self.magp_p)
+        real_emb = None if real_emb is None else real_emb.detach()
+        d_mis = self.d_logits(real_features, losses.mismatch(sent), real_emb, features=True)
         if hard is not None:
             rows, hard_sent = hard
-            d_hard = self.discriminator.assess(real_features[rows], hard_sent.detach())
+            hard_emb = None if real_emb is None else real_emb[rows]
+            d_hard = self.d_logits(real_features[rows], hard_sent.detach(), hard_emb, features=True)
             d_mis = torch.cat([d_mis.flatten(), d_hard.flatten()])
-        d_fake = self.discriminator(fake_taps, sent)
+        d_fake = self.d_logits(fake_taps, sent, fake_emb)
         return losses.discriminator_loss(d_real, d_fake, d_mis, penalty)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
