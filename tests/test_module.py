@@ -464,3 +464,24 @@ def test_step_with_embedding_head_trains_the_head_and_feeds_it_clip_embeddings(t
     head_changed = {k for k in changed(before, module.discriminator) if k.startswith("embedding_head.")}
     assert head_changed == {"embedding_head.net.2.weight", "embedding_head.net.2.bias"}
     assert torch.isfinite(trainer.callback_metrics["d/magp"])
+
+
+def test_probe_score_of_a_headed_d_uses_the_real_embedding(tmp_path):
+    from galip.clip_probe import discriminator_score
+
+    module, _ = build(headed_cfg(tmp_path), seed=4)
+    with torch.no_grad():
+        for p in module.discriminator.embedding_head.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    size = module.clip.geometry.image_size
+    image, captions = torch.rand(1, 3, size, size) * 2 - 1, ["a red circle", "a blue square"]
+    with torch.no_grad():
+        scores = discriminator_score(module)(image, captions)
+        taps, embedding = module.d_input.real_with_embedding(image)
+        sent = module.clip.encode_text(module.clip.tokenize(captions))
+        expected = module.discriminator(taps.expand(2, *taps.shape[1:]), sent, embedding.expand(2, -1))
+        without_head = module.discriminator.assessor(
+            module.discriminator.features(taps.expand(2, *taps.shape[1:])), sent
+        )
+    torch.testing.assert_close(scores, expected)
+    assert not torch.allclose(scores, without_head)
