@@ -50,14 +50,12 @@ def discriminator_score(module) -> Score:
     """A trained GALIP D's logit for the image paired with each caption (real-image input, as in L_D)."""
 
     def score(image: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        x, embedding = module.real_inputs(image)
         sent = module.clip.encode_text(module.clip.tokenize(captions))
-        embedding = None
-        if module.discriminator_reads_embedding:
-            x, embedding = module.d_input.real_with_embedding(image)
+        if embedding is not None:
             embedding = embedding.expand(len(captions), -1)
-        else:
-            x = module.real_taps(image)
-        return module.d_logits(x.expand(len(captions), *x.shape[1:]), sent, embedding).flatten()
+        features = module.discriminator.features(x.expand(len(captions), *x.shape[1:]))
+        return module.d_logits(features, sent, embedding).flatten()
 
     return score
 

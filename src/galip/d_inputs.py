@@ -53,16 +53,18 @@ class Pixels:
         return F.interpolate(image.detach(), size=(size, size), mode="bilinear", antialias=True)
 
     def real_with_embedding(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        clip = self._clip[0]
         with torch.no_grad():
-            _, embedding = clip.image_taps(image, (clip.geometry.depth - 1,), with_embedding=True)
-        return self.real(image), embedding
+            return self.real(image), self._embedding(image)
 
     def fake(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The G loss still needs CLIP's image embedding; the last block's tap is a by-product, dropped."""
+        """The G loss still needs CLIP's image embedding."""
+        return image, self._embedding(image)
+
+    def _embedding(self, image: torch.Tensor) -> torch.Tensor:
+        """CLIP's image embedding; the last block's tap is a by-product, dropped."""
         clip = self._clip[0]
         _, embedding = clip.image_taps(image, (clip.geometry.depth - 1,), with_embedding=True)
-        return image, embedding
+        return embedding
 
 
 D_INPUTS = ("clip", "pixels")

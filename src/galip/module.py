@@ -152,19 +152,19 @@ class GALIPModule(L.LightningModule):
         pooled image embedding, of the reals (no graph) and of the fakes (with G's graph in the G step)."""
         return getattr(self.discriminator, "reads_embedding", False)
 
+    def real_inputs(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D's input for real images and, for a D that reads it, their CLIP embedding (else None); no graph."""
+        if self.discriminator_reads_embedding:
+            return self.d_input.real_with_embedding(image)
+        return self.real_taps(image), None
+
     def d_logits(
-        self,
-        d_input: torch.Tensor,
-        sent: torch.Tensor,
-        embedding: torch.Tensor | None = None,
-        features: bool = False,
+        self, features: torch.Tensor, sent: torch.Tensor, embedding: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """D's logits for (input, sentence) pairs; ``embedding`` is passed on only to a D that reads it.
-        ``features``: ``d_input`` is already ``discriminator.features(...)`` (shared by several pairs)."""
+        """D's logits from its features (``discriminator.features``, shared by several pairs) and sentence
+        vectors; ``embedding`` (CLIP's image embedding) is passed on only to a D that reads it."""
         kwargs = {"embedding": embedding} if self.discriminator_reads_embedding else {}
-        if features:
-            return self.discriminator.assess(d_input, sent, **kwargs)
-        return self.discriminator(d_input, sent, **kwargs)
+        return self.discriminator.assess(features, sent, **kwargs)
 
     def trainable_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]
@@ -184,11 +184,8 @@ class GALIPModule(L.LightningModule):
         fake_taps, fake_emb = self.d_input.fake(fake)  # D's input for the fakes + CLIP embedding for L_G
 
         hard = self.hard_negative_vectors(batch)
-        if self.discriminator_reads_embedding:  # D's embedding head: CLIP's embedding of reals and fakes
-            real_taps, real_emb = self.d_input.real_with_embedding(real)
-            embeddings = (real_emb, fake_emb.detach())
-        else:
-            real_taps, embeddings = self.real_taps(real), None
+        real_taps, real_emb = self.real_inputs(real)
+        embeddings = None if real_emb is None else (real_emb, fake_emb.detach())  # for D's embedding head
         d_terms = self.optimize(
             opt_d,
             "d",
@@ -199,7 +196,7 @@ class GALIPModule(L.LightningModule):
             opt_g,
             "g",
             lambda: losses.generator_loss(
-                self.d_logits(fake_taps, sent, fake_emb),
+                self.d_logits(self.discriminator.features(fake_taps), sent, fake_emb),
                 losses.clip_similarity(fake_emb, sent),
                 self.sim_weight,
             ),
@@ -278,16 +275,16 @@ class GALIPModule(L.LightningModule):
         # The real branch (and so MAGP's double backward) runs in fp32 whatever the training precision.
         with torch.autocast(device_type=self.device.type, enabled=False):
             real_features = self.discriminator.features(real_taps.float())
-            d_real = self.d_logits(real_features, sent_in.float(), real_emb, features=True)
+            d_real = self.d_logits(real_features, sent_in.float(), real_emb)
             penalty = losses.magp(d_real, inputs, self.magp_k, self.magp_p)
         real_emb = None if real_emb is None else real_emb.detach()
-        d_mis = self.d_logits(real_features, losses.mismatch(sent), real_emb, features=True)
+        d_mis = self.d_logits(real_features, losses.mismatch(sent), real_emb)
         if hard is not None:
             rows, hard_sent = hard
             hard_emb = None if real_emb is None else real_emb[rows]
-            d_hard = self.d_logits(real_features[rows], hard_sent.detach(), hard_emb, features=True)
+            d_hard = self.d_logits(real_features[rows], hard_sent.detach(), hard_emb)
             d_mis = torch.cat([d_mis.flatten(), d_hard.flatten()])
-        d_fake = self.d_logits(fake_taps, sent, fake_emb)
+        d_fake = self.d_logits(self.discriminator.features(fake_taps), sent, fake_emb)
         return losses.discriminator_loss(d_real, d_fake, d_mis, penalty)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
