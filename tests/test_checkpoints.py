@@ -96,6 +96,27 @@ def test_export_round_trip_with_given_clip(tiny_g, tiny_clip, tiny_export):
         torch.testing.assert_close(rebuilt(z, s), tiny_g(z, s), rtol=0, atol=0)
 
 
+def test_export_round_trip_of_a_generator_whose_code_reads_the_condition(tiny_clip, tmp_path):
+    torch.manual_seed(0)
+    g = perturb_(Generator(tiny_clip, ngf=16, prompt_blocks=[1], code_input="condition"), 0).eval()
+    rebuilt = build_generator(export_generator(g, tmp_path / "g.safetensors", TINY_SPEC), clip=tiny_clip)
+    assert rebuilt.config["code_input"] == "condition"
+    assert rebuilt.bridge.fc_code.in_features == 100 + tiny_clip.geometry.embed_dim
+    z, s = inputs(tiny_clip)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(z, s), g(z, s), rtol=0, atol=0)
+
+
+def test_official_layout_refuses_options_it_cannot_hold(tiny_clip):
+    geo = tiny_clip.geometry
+    g = Generator(tiny_clip, ngf=16, prompt_blocks=[1], code_input="condition")
+    with pytest.raises(ValueError, match="code_input=condition"):
+        to_official(g, tiny_discriminator(tiny_clip))
+    headed = Discriminator(geo.width, geo.grid, geo.embed_dim, 3, embedding_head=True)
+    with pytest.raises(ValueError, match="embedding_head"):
+        to_official(tiny_generator(tiny_clip), headed)
+
+
 def test_export_embeds_random_clip_and_restores_it(tiny_g, tiny_clip, tiny_export):
     state, _ = read_export(tiny_export)
     clip_keys = {k.removeprefix("clip.") for k in state if k.startswith("clip.")}

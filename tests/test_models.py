@@ -152,6 +152,25 @@ def test_bridge_code_reads_noise_only():
     assert out.shape == (2, 64, 8, 8)
 
 
+def test_bridge_code_can_read_the_condition():
+    """code_input='condition': fc_code maps [z; s], so the sentence alone moves the code map (and the
+    bridge) even at init, when the fusion blocks still ignore the condition."""
+    torch.manual_seed(0)
+    bridge = BridgeFeaturePredictor(10, 74, 8, 64, 16, 8, 2, code_input="condition")
+    assert (bridge.fc_code.in_features, bridge.fc_code.out_features) == (74, 16 * 64)
+    z, s1, s2 = torch.randn(2, 10), torch.randn(2, 64), torch.randn(2, 64)
+    c1, c2 = torch.cat([z, s1], 1), torch.cat([z, s2], 1)
+    with torch.no_grad():
+        out = bridge(z, c1, c1)
+        assert out.shape == (2, 64, 8, 8)
+        torch.testing.assert_close(bridge(z, c2, c1), out)  # fusion at init: only the code input counts
+        assert not torch.allclose(bridge(z, c1, c2), out)
+    with pytest.raises(ValueError, match="needs cond_vector"):
+        bridge(z, c1)
+    with pytest.raises(ValueError, match="code_input='text'"):
+        BridgeFeaturePredictor(10, 74, 8, 64, code_input="text")
+
+
 def test_prompt_predictor_shape():
     assert PromptPredictor(cond_dim=20, n_prompts=3, width=16)(torch.randn(5, 20)).shape == (5, 3, 16)
 

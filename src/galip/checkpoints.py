@@ -228,6 +228,13 @@ def to_official(
             out[old + key[len(new) :]] = value
         return out
 
+    if generator.config.get("code_input", "noise") != "noise" or getattr(
+        discriminator, "reads_embedding", False
+    ):
+        raise ValueError(
+            "the official layout has no place for these options (model.generator.code_input=condition, "
+            "model.discriminator.embedding_head=true): only a paper-architecture G and D convert"
+        )
     net_g = invert(generator.state_dict(), OFFICIAL_G_MAP)
     net_g.update(
         {OFFICIAL_CLIP_COPY + k: v for k, v in generator.clip.visual.state_dict().items() if _in_clip_copy(k)}

@@ -28,7 +28,7 @@ from galip.models.layers import GBlock, condition
 # Keys of a GALIP generator config that a CNN generator has no use for. An ablation row swaps the
 # generator's `_target_` under whatever sizes an experiment set, and config merging cannot delete keys.
 GALIP_ONLY_KEYS = frozenset(
-    {"code_ch", "mid_ch", "n_fusion_blocks", "prompt_blocks", "use_clip_mapper", "mapped_scale"}
+    {"code_ch", "mid_ch", "n_fusion_blocks", "prompt_blocks", "use_clip_mapper", "mapped_scale", "code_input"}
 )
 
 

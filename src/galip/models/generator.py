@@ -19,9 +19,16 @@ from torch import nn
 from galip.clip import FrozenCLIP
 from galip.models.layers import Conditioning, DFBlock, FusionBlock, GBlock, condition
 
+CODE_INPUTS = ("noise", "condition")
+
 
 class BridgeFeaturePredictor(nn.Module):
-    """Noise -> (code_ch, grid, grid) -> text-fused residual blocks -> conv to CLIP width."""
+    """Noise -> (code_ch, grid, grid) -> text-fused residual blocks -> conv to CLIP width.
+
+    ``code_input``: what the first Linear maps to the spatial code map. ``"noise"`` is the paper's (z only:
+    the layout comes from the noise, the text modulates channels through the fusion blocks); ``"condition"``
+    maps [z; s], so the sentence vector can place content on the grid directly (not in the paper).
+    """
 
     def __init__(
         self,
@@ -32,15 +39,24 @@ class BridgeFeaturePredictor(nn.Module):
         code_ch: int = 64,
         mid_ch: int = 32,
         n_blocks: int = 4,
+        code_input: str = "noise",
     ):
         super().__init__()
-        self.code_ch, self.grid = code_ch, grid
-        self.fc_code = nn.Linear(nz, code_ch * grid * grid)
+        if code_input not in CODE_INPUTS:
+            raise ValueError(f"code_input={code_input!r}: expected one of {CODE_INPUTS}")
+        self.code_ch, self.grid, self.code_input = code_ch, grid, code_input
+        self.fc_code = nn.Linear(nz if code_input == "noise" else cond_dim, code_ch * grid * grid)
         self.blocks = nn.ModuleList(FusionBlock(code_ch, mid_ch, code_ch, cond_dim) for _ in range(n_blocks))
         self.conv_fuse = nn.Conv2d(code_ch, width, 5, 1, 2)
 
-    def forward(self, z: torch.Tensor, cond: torch.Tensor | Conditioning) -> torch.Tensor:
-        x = self.fc_code(z).view(-1, self.code_ch, self.grid, self.grid)
+    def forward(
+        self, z: torch.Tensor, cond: torch.Tensor | Conditioning, cond_vector: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``cond_vector``: [z; s], needed with ``code_input="condition"``."""
+        code_in = z if self.code_input == "noise" else cond_vector
+        if code_in is None:
+            raise ValueError("code_input='condition' needs cond_vector=[z; s]")
+        x = self.fc_code(code_in).view(-1, self.code_ch, self.grid, self.grid)
         for block in self.blocks:
             x = block(x, cond)
         return self.conv_fuse(x)
@@ -115,6 +131,8 @@ class Generator(nn.Module):
         prompt_blocks: 0-based CLIP blocks that get a predicted prompt (paper 1..8).
         use_clip_mapper: False drops the CLIP branch (ablation "w/o CLIP in G"): seed = conv(bridge).
         mapped_scale: weight of the CLIP-mapped feature added to the bridge feature (paper 0.1).
+        code_input: ``"noise"`` (paper) or ``"condition"``: what the bridge predictor's first Linear reads
+            (see `BridgeFeaturePredictor`).
         batched_affines, fused_fusion, folded_upsample, rgb_channels_last: execution choices, not
             architecture (same maths, same weights, not stored in ``config``): all Affine MLPs computed
             together (`layers.Conditioning`), each DFBlock's elementwise steps as one op (`layers.DFBlock`),
@@ -134,6 +152,7 @@ class Generator(nn.Module):
         prompt_blocks: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8),
         use_clip_mapper: bool = True,
         mapped_scale: float = 0.1,
+        code_input: str = "noise",
         batched_affines: bool = True,
         fused_fusion: bool = True,
         folded_upsample: bool = True,
@@ -152,13 +171,14 @@ class Generator(nn.Module):
             "prompt_blocks": list(prompt_blocks),
             "use_clip_mapper": use_clip_mapper,
             "mapped_scale": mapped_scale,
+            "code_input": code_input,
         }
         self._clip = (clip,)  # a tuple hides it from nn.Module registration
         self.nz, self.mapped_scale, self.use_clip_mapper = nz, mapped_scale, use_clip_mapper
         self.prompt_blocks = tuple(prompt_blocks) if use_clip_mapper else ()
         cond_dim = nz + geo.embed_dim
         self.bridge = BridgeFeaturePredictor(
-            nz, cond_dim, geo.grid, geo.width, code_ch, mid_ch, n_fusion_blocks
+            nz, cond_dim, geo.grid, geo.width, code_ch, mid_ch, n_fusion_blocks, code_input
         )
         self.prompts = (
             PromptPredictor(cond_dim, len(self.prompt_blocks), geo.width) if self.prompt_blocks else None
@@ -174,7 +194,7 @@ class Generator(nn.Module):
         """Noise [B, nz] + sentence vector [B, embed_dim] -> image [B, 3, S, S], roughly in [-1, 1]."""
         cond = torch.cat([z, sent_emb.to(z.dtype)], dim=1)
         y = condition(self, cond, self.batched_affines)
-        bridge = self.bridge(z, y)
+        bridge = self.bridge(z, y, cond)
         seed = bridge
         if self.use_clip_mapper:
             prompts = self.prompts(cond) if self.prompts is not None else None
