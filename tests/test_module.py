@@ -160,6 +160,7 @@ def test_optimizers_are_ttur_adam(step):
     assert opt_g.param_groups[0]["lr"] == pytest.approx(1e-4)
     assert opt_d.param_groups[0]["lr"] == pytest.approx(4e-4)
     assert tuple(opt_g.param_groups[0]["betas"]) == (0.0, 0.9)
+    assert opt_g.param_groups[0]["fused"] and opt_d.param_groups[0]["fused"]
 
 
 def test_logged_keys(step):

@@ -289,6 +289,31 @@ def test_official_step_and_optimised_step_make_the_same_update():
     assert moved  # the step did change the Affines (it is not comparing two untouched models)
 
 
+def test_fused_adam_makes_the_update_of_the_plain_adam():
+    """The fused_adam lever (and conf/optim/ttur.yaml's fused: true) changes how Adam runs, not the update."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(64, 32, 3, 3), (64,), (1,), (7, 5)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    results = []
+    for kwargs in ({"foreach": False}, {"fused": True}):
+        params = [torch.nn.Parameter(p.clone()) for p in start]
+        opt = torch.optim.Adam(params, lr=1e-3, betas=(0.0, 0.9), **kwargs)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        results.append(params)
+    for plain, fused, p0 in zip(*results, start, strict=True):
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+        assert not torch.equal(plain, p0)
+    module = speed.build_module("tiny", torch.device("cpu"), ("fused_adam",))
+    opt_g, opt_d = module.configure_optimizers()
+    assert opt_g.param_groups[0]["fused"] and opt_d.param_groups[0]["fused"]
+    opt_g, _ = speed.build_module("tiny", torch.device("cpu"), ()).configure_optimizers()
+    assert not opt_g.param_groups[0]["fused"]  # the official computation: Adam's defaults
+
+
 def test_levers_parse_and_ladder():
     assert speed.parse_levers("none") == ()
     assert speed.parse_levers("default") == speed.DEFAULT_LEVERS

@@ -431,4 +431,4 @@ def ema_copy(generator: Generator, clip: FrozenCLIP) -> Generator:
 
 
 def _adam(lr: float) -> OptimizerFactory:
-    return lambda params: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.9))
+    return lambda params: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.9), fused=True)
