@@ -295,3 +295,64 @@ def test_probe_ranks_captions_by_any_score_and_checks_image_count():
     assert attribute_probe(Geometry(), n_scenes=n, score=oracle) == {"shape": 1.0, "colour": 1.0}
     with pytest.raises(ValueError, match="3 images for 12 scenes"):
         attribute_probe(Geometry(), n_scenes=n, images=torch.zeros(3, 3, 16, 16), score=oracle)
+
+
+def test_patch_visibility_splits_a_swaps_pixel_change_by_the_first_layers_row_space():
+    """A patch embedding that reads only the red channel sees exactly the red share of each swap's change
+    (computed here by hand on whole images); one with more outputs than patch pixels sees all of it."""
+    import copy
+    import dataclasses
+
+    from galip.clip_probe import ATTRIBUTES, patch_visibility
+    from galip.data.shapes import Scene, pil_to_tensor
+
+    clip = load_clip(name=None, model_cfg=TINY_CLIP_CFG)
+    conv = clip.visual.conv1
+    width, _, p, _ = conv.weight.shape  # 64 outputs, 8×8 patches: 192 pixels per patch
+    assert width == p * p
+    red = torch.zeros_like(conv.weight)
+    red[:, 0].view(width, p * p)[torch.arange(width), torch.arange(width)] = 3.0  # pixel j of the red plane
+    with torch.no_grad():
+        conv.weight.copy_(red)
+    n = 4
+    result = patch_visibility(clip, n_scenes=n)
+    assert result["rank_fraction"] == pytest.approx(1 / 3)
+    world = ShapesWorld(seed=0, split="val", length=n, image_size=64)
+    for attribute, values in ATTRIBUTES.items():
+        red_energy = total = 0.0
+        for i in range(n):
+            scene, _ = world.scene(i)
+            k = i % len(scene.objects)
+            x = clip.preprocess(pil_to_tensor(scene.render(64))[None])
+            for value in values:
+                if value == getattr(scene.objects[k], attribute):
+                    continue
+                objects = list(scene.objects)
+                objects[k] = dataclasses.replace(objects[k], **{attribute: value})
+                d = x - clip.preprocess(pil_to_tensor(Scene(objects, scene.background).render(64))[None])
+                red_energy += float(d[:, 0].square().sum())
+                total += float(d.square().sum())
+        assert total > 0
+        assert result[attribute] == pytest.approx(red_energy / total, rel=1e-4)
+        assert 0 < result[attribute] < 1
+
+    cfg = copy.deepcopy(TINY_CLIP_CFG)
+    cfg["vision_cfg"]["patch_size"] = 4  # 48 pixels per patch < 64 outputs: no null space
+    full = patch_visibility(load_clip(name=None, model_cfg=cfg), n_scenes=2)
+    assert full == pytest.approx({"shape": 1.0, "colour": 1.0, "rank_fraction": 1.0}, rel=1e-4)
+
+
+def test_probe_cli_builds_a_checkpoint_with_the_architecture_written_beside_it(tmp_path):
+    import copy
+
+    from galip.clip_probe import _shapes_clip
+
+    cfg = copy.deepcopy(TINY_CLIP_CFG)
+    cfg["vision_cfg"]["patch_size"] = 4
+    torch.manual_seed(0)
+    source = load_clip(name=None, model_cfg=cfg)
+    torch.save(source.model.state_dict(), tmp_path / "clip.pt")
+    (tmp_path / "config.json").write_text(json.dumps({"model_cfg": cfg}))
+    loaded = _shapes_clip(str(tmp_path / "clip.pt"))
+    assert loaded.geometry.grid == 16
+    assert torch.equal(loaded.visual.conv1.weight, source.visual.conv1.weight)

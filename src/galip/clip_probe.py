@@ -8,17 +8,25 @@ colour). GALIP's D and its CLIP loss can only pass on what this CLIP sees.
     python -m galip.clip_probe path/to/clip.pt 400  # another checkpoint of the tiny architecture, N scenes
     python -m galip.clip_probe --generator outputs/demo/<time>/generator.safetensors
     python -m galip.clip_probe --discriminator outputs/demo/<time>   # the run's trained D, real scenes
+    python -m galip.clip_probe --patch-visibility [path/to/clip.pt]  # what CLIP's first layer can see
 
 With ``--generator``, the images are a trained generator's samples for the scenes' captions instead, probed
 by the generator's own frozen CLIP: does that CLIP *believe* G drew the captioned shape? Set beside the
 independent judge's shape accuracy on the same kind of samples, a high score here and a chance one there
 means G satisfies its CLIP with patterns, not shapes. With ``--discriminator``, a trained D ranks the captions
 of real scenes by its logit: a D at chance on shape gives G no reason to draw shapes.
+
+``--patch-visibility`` asks a question before all of these: the ViT's first layer is a linear map of each
+p×p×3 pixel patch to ``width`` numbers, so when ``width < 3p²`` it has a null space, and a change of the
+pixels inside it reaches nothing downstream — not the taps D reads, not the embedding of the CLIP loss. The
+probe reports how much of the pixel change of a single-attribute swap lies in the first layer's row space
+(`patch_visibility`); an isotropic random change gets rank / 3p² of it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -89,6 +97,45 @@ def attribute_probe(
     return {attribute: count / n_scenes for attribute, count in hits.items()}
 
 
+@torch.no_grad()
+def patch_visibility(clip: FrozenCLIP, n_scenes: int = 200, seed: int = 0) -> dict[str, float]:
+    """Fraction of the (preprocessed) pixel change of a single-attribute swap that CLIP's patch embedding sees.
+
+    For val scene i, object i mod n is given every other value of the attribute (as `attribute_probe`
+    swaps it); the change d = x − x_swapped is cut into the first layer's patches and its energy split
+    between the row space of that layer's weight (what any later layer can respond to) and its null space.
+    Returns one fraction per attribute and ``rank_fraction`` = rank / patch size, what an isotropic random
+    change would get.
+    """
+    conv = clip.visual.conv1
+    weight = conv.weight.detach().float().flatten(1)  # [width, 3·p·p], in F.unfold's (c, ky, kx) order
+    _, sing, vh = torch.linalg.svd(weight, full_matrices=False)
+    rank = int((sing > sing.max() * weight.shape[1] * torch.finfo(sing.dtype).eps).sum())
+    basis = vh[:rank]  # orthonormal rows spanning the row space
+    world = ShapesWorld(seed=seed, split="val", length=n_scenes, image_size=clip.geometry.image_size)
+
+    def patches(image: torch.Tensor) -> torch.Tensor:
+        return F.unfold(clip.preprocess(image), conv.kernel_size, stride=conv.stride)  # [1, 3·p·p, L]
+
+    out = {}
+    for attribute, values in ATTRIBUTES.items():
+        seen = total = 0.0
+        for i in range(n_scenes):
+            scene, _ = world.scene(i)
+            k = i % len(scene.objects)
+            x = patches(pil_to_tensor(scene.render(world.image_size))[None])
+            for value in values:
+                if value == getattr(scene.objects[k], attribute):
+                    continue
+                swapped = _swapped(scene, k, attribute, value).render(world.image_size)
+                d = (x - patches(pil_to_tensor(swapped)[None]))[0]  # [3·p·p, L]
+                seen += float((basis @ d).square().sum())
+                total += float(d.square().sum())
+        out[attribute] = seen / total
+    out["rank_fraction"] = rank / weight.shape[1]
+    return out
+
+
 def val_captions(n_scenes: int, seed: int = 0) -> list[str]:
     """The captions `attribute_probe` treats as true for its ``n_scenes`` val scenes."""
     world = ShapesWorld(seed=seed, split="val", length=n_scenes)
@@ -105,18 +152,37 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--generator"]:
         return probe_generator(argv[1], int(argv[2]) if len(argv) > 2 else 400)
+    if argv[:1] == ["--patch-visibility"]:
+        path = argv[1] if len(argv) > 1 else None
+        clip = _shapes_clip(path)
+        result = patch_visibility(clip)
+        print(
+            f"{path or 'shapes CLIP'}: share of a swap's pixel change that the patch embedding sees: "
+            + ", ".join(f"{a} {v:.3f}" for a, v in result.items() if a != "rank_fraction")
+            + f" (an isotropic random change: {result['rank_fraction']:.3f})"
+        )
+        return result
     if argv[:1] == ["--discriminator"]:
         return probe_discriminator(argv[1], int(argv[2]) if len(argv) > 2 else 400)
-    if argv:
-        path = argv[0]
-    else:
+    path = argv[0] if argv else None
+    n_scenes = int(argv[1]) if len(argv) > 1 else 400
+    return _print(path or "shapes CLIP", n_scenes, attribute_probe(_shapes_clip(path), n_scenes))
+
+
+def _shapes_clip(path: str | None = None) -> FrozenCLIP:
+    """A pretrained shapes CLIP (default: the demo's, shipped or cached). Its architecture is read from the
+    ``config.json`` that `galip.pretrain_clip` writes beside it, else it is the tiny one (conf/clip/tiny.yaml)."""
+    if path is None:
         from galip.world import shapes_clip_path
 
         path = shapes_clip_path()
-    n_scenes = int(argv[1]) if len(argv) > 1 else 400
-    tiny = Path(__file__).parent / "conf" / "clip" / "tiny.yaml"
-    clip = load_clip(name=None, model_cfg=yaml.safe_load(tiny.read_text())["model_cfg"], path=path)
-    return _print(path, n_scenes, attribute_probe(clip, n_scenes))
+    written = Path(path).parent / "config.json"
+    if written.is_file() and "model_cfg" in (config := json.loads(written.read_text())):
+        model_cfg = config["model_cfg"]
+    else:
+        tiny = Path(__file__).parent / "conf" / "clip" / "tiny.yaml"
+        model_cfg = yaml.safe_load(tiny.read_text())["model_cfg"]
+    return load_clip(name=None, model_cfg=model_cfg, path=path)
 
 
 def probe_generator(export: str | Path, n_scenes: int = 400, seed: int = 0) -> dict[str, float]:
