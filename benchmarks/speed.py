@@ -97,15 +97,18 @@ STEP_ONLY = frozenset({"module_step", "cached_text", "fused_adam"})
 
 
 def parse_levers(text: str) -> tuple[str, ...]:
+    """``none``, or comma-separated levers where ``default`` stands for `DEFAULT_LEVERS` (``default,compile``)."""
     if text == "none":
         return ()
-    if text == "default":
-        return DEFAULT_LEVERS
-    levers = tuple(t.strip() for t in text.split(",") if t.strip())
+    levers: list[str] = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        for lever in DEFAULT_LEVERS if token == "default" else (token,):
+            if lever not in levers:
+                levers.append(lever)
     unknown = [lever for lever in levers if lever not in LEVERS]
     if unknown:
         raise ValueError(f"--levers: unknown {unknown}; expected none, default or some of {list(LEVERS)}")
-    return levers
+    return tuple(levers)
 
 
 def ladder(kind: str) -> list[tuple[str, ...]]:

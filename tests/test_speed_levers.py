@@ -317,6 +317,8 @@ def test_fused_adam_makes_the_update_of_the_plain_adam():
 def test_levers_parse_and_ladder():
     assert speed.parse_levers("none") == ()
     assert speed.parse_levers("default") == speed.DEFAULT_LEVERS
+    assert speed.parse_levers("default,compile") == (*speed.DEFAULT_LEVERS, "compile")
+    assert sorted(speed.parse_levers("fused_fusion,default")) == sorted(speed.DEFAULT_LEVERS)  # none twice
     assert speed.parse_levers("fused_fusion, channels_last") == ("fused_fusion", "channels_last")
     with pytest.raises(ValueError, match="unknown"):
         speed.parse_levers("fused_fusion,warp_drive")
