@@ -308,3 +308,14 @@ def test_cli_writes_out(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "j" / "judge.pt").is_file()
     assert "judge/acc" in metrics and "judge/acc:" in capsys.readouterr().out
     assert torch.load(tmp_path / "j" / "judge.pt", weights_only=True)["train_config"]["steps"] == 2
+
+
+def test_confusion_counts_target_against_prediction_on_present_slots():
+    from galip.metrics.judge import EMPTY, confusion
+
+    target = torch.tensor([[0, 2, EMPTY], [3, EMPTY, EMPTY]])
+    pred = torch.tensor([[0, 1, 3], [3, 2, 0]])  # the empty slots' predictions must not count
+    counts = confusion(pred, target, 4)
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected[0, 0] = expected[2, 1] = expected[3, 3] = 1
+    assert torch.equal(counts, expected)

@@ -9,6 +9,7 @@ colour). GALIP's D and its CLIP loss can only pass on what this CLIP sees.
     python -m galip.clip_probe --generator outputs/demo/<time>/generator.safetensors
     python -m galip.clip_probe --discriminator outputs/demo/<time>   # the run's trained D, real scenes
     python -m galip.clip_probe --patch-visibility [path/to/clip.pt]  # what CLIP's first layer can see
+    python -m galip.clip_probe --judge-shapes outputs/demo/<time>/generator.safetensors  # what G draws
 
 With ``--generator``, the images are a trained generator's samples for the scenes' captions instead, probed
 by the generator's own frozen CLIP: does that CLIP *believe* G drew the captioned shape? Set beside the
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             + f" (an isotropic random change: {result['rank_fraction']:.3f})"
         )
         return result
+    if argv[:1] == ["--judge-shapes"]:
+        return judge_shapes(argv[1], int(argv[2]) if len(argv) > 2 else 256)
     if argv[:1] == ["--discriminator"]:
         return probe_discriminator(argv[1], int(argv[2]) if len(argv) > 2 else 400)
     path = argv[0] if argv else None
@@ -201,6 +204,28 @@ def probe_discriminator(run_dir: str | Path, n_scenes: int = 400) -> dict[str, f
     module = module_from_run(run_dir)
     score = discriminator_score(module)
     return _print(f"{run_dir} (D)", n_scenes, attribute_probe(module.clip, n_scenes, score=score))
+
+
+def judge_shapes(export: str | Path, n_scenes: int = 256, seed: int = 0) -> torch.Tensor:
+    """The independent judge's shape confusion on G's samples: [captioned shape, shape the judge sees]."""
+    from galip.metrics.judge import confusion, load_judge
+    from galip.sampling import Sampler
+    from galip.world import judge_path
+
+    world = ShapesWorld(seed=seed, split="val", length=n_scenes)
+    samples = [world[i] for i in range(n_scenes)]
+    sampler = Sampler.from_export(export)
+    images = sampler.generate([s["caption"] for s in samples], n=1, seed=seed, batch_size=64)
+    judge = load_judge(judge_path()).eval()
+    with torch.no_grad():
+        pred = judge.predict(images)["shape"]
+    counts = confusion(pred, torch.stack([s["labels"]["shape"] for s in samples]), len(SHAPES))
+    accuracy = counts.diagonal().sum() / counts.sum()
+    print(f"{export}: judge's shape on G's samples for {n_scenes} val captions, accuracy {accuracy:.3f}")
+    print("captioned \\ seen " + " ".join(f"{s:>8}" for s in SHAPES))
+    for name, row in zip(SHAPES, counts.tolist(), strict=True):
+        print(f"{name:>16} " + " ".join(f"{c:>8}" for c in row))
+    return counts
 
 
 def _print(what, n_scenes: int, result: dict[str, float]) -> dict[str, float]:

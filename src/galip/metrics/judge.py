@@ -190,6 +190,13 @@ def attribute_accuracy(
     return out
 
 
+def confusion(pred: torch.Tensor, target: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Counts [target class, predicted class] over the non-empty target slots of a slot attribute."""
+    present = target != EMPTY
+    flat = target[present] * n_classes + pred[present]
+    return torch.bincount(flat, minlength=n_classes * n_classes).view(n_classes, n_classes)
+
+
 def _fraction(hits: torch.Tensor, mask: torch.Tensor) -> float:
     return (hits.sum() / mask.sum()).item()
 
