@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import galip.pretrain_clip as pc
 from conftest import TINY_CLIP_CFG
@@ -148,6 +150,22 @@ def test_the_demo_setting_is_the_shipped_artefact_and_loads(tmp_path, monkeypatc
     assert metrics["retrieval_batch"] == 64 and metrics["i2t_top1"] > 0.5
     frozen = load_clip(name=None, model_cfg=TINY_CLIP_CFG, path=path)
     assert frozen.geometry.embed_dim == TINY_CLIP_CFG["embed_dim"]
+
+
+def test_the_4_pixel_patch_clip_is_shipped_and_the_demo_can_run_on_it(tmp_path, monkeypatch):
+    """conf/clip/shapes_p4.yaml resolves to the shipped 4-pixel-patch CLIP (no pretraining) and builds it."""
+    from conftest import compose_config
+    from galip.world import shapes_clip_path
+
+    monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
+    path = Path(shapes_clip_path(4))
+    assert path.parent.parent == SHIPPED_ROOT / "clip", (
+        "the patch-4 setting no longer matches the shipped CLIP"
+    )
+    cfg = compose_config(["+experiment=demo", "clip=shapes_p4"])
+    assert Path(cfg.clip.path) == path
+    frozen = load_clip(name=None, model_cfg=OmegaConf.to_container(cfg.clip.model_cfg), path=path)
+    assert frozen.geometry.grid == 16 and frozen.visual.conv1.weight.shape[-1] == 4
 
 
 def test_retraining_goes_to_the_cache_never_over_a_shipped_copy(tmp_path, monkeypatch):
