@@ -155,6 +155,24 @@ def test_shard_round_trip(tmp_path, tokenizer):
     assert '"count": 10' in manifest
 
 
+def test_resampled_stream_is_a_function_of_seed_and_rank(tmp_path, tokenizer, monkeypatch):
+    """The training stream's shard draws replay for a seed and differ between seeds and between ranks
+    (webdataset's own resampling seeds from the clock and os.urandom)."""
+    world = ShapesWorld(seed=0, split="train", length=12, image_size=16)
+    paths = [str(p) for p in write_shards(world.shard_samples(), tmp_path, prefix="train", max_per_shard=1)]
+
+    def keys(seed: int, rank: int) -> list[str]:
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stream = shard_dataset(paths, tokenizer, image_size=16, resampled=True, epoch_length=20, seed=seed)
+        return [s["key"] for s in stream]
+
+    first = keys(0, 0)
+    assert len(first) == 20 and first == keys(0, 0)
+    assert keys(1, 0) != first
+    assert keys(0, 1) != first
+
+
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)

@@ -316,6 +316,11 @@ def shard_dataset(
         nodesplitter=wds.split_by_node,
         seed=seed,
     )
+    if resampled:
+        # WebDataset(resampled=True) draws shards with a seed from the pid, the clock and os.urandom, and
+        # ignores `seed`: two ranks could draw the same shards and no run could be replayed. Draw them from
+        # (seed, epoch, rank·1000 + worker) instead: different per rank and worker, the same on every run.
+        dataset.pipeline[0] = wds.ResampledShards(urls, seed=seed, deterministic=True)
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer)
     decode = partial(
