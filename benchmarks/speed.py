@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import functools
 import json
 import os
 import platform
@@ -160,7 +159,7 @@ def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DE
     from galip.clip import load_clip
     from galip.clip.blocks import set_gemm_attention
     from galip.models import Discriminator, Generator
-    from galip.module import GALIPModule
+    from galip.module import GALIPModule, ttur_adam
 
     set_gemm_attention("gemm_attention" in levers)  # process-wide: the row about to run
 
@@ -190,8 +189,8 @@ def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DE
         discriminator,
         tap_blocks=spec["taps"],
         channels_last="channels_last" in levers,
-        optimizer_g=functools.partial(torch.optim.Adam, lr=1e-4, betas=(0.0, 0.9), fused=fused),
-        optimizer_d=functools.partial(torch.optim.Adam, lr=4e-4, betas=(0.0, 0.9), fused=fused),
+        optimizer_g=ttur_adam(1e-4, fused),
+        optimizer_d=ttur_adam(4e-4, fused),
     )
     return module.to(device)
 

@@ -86,8 +86,8 @@ class GALIPModule(L.LightningModule):
         self.d_input = d_inputs.d_input(d_input, clip, self.tap_blocks)
         self.augment_translation = augment_translation
         self.hard_negatives = hard_negatives
-        self.optimizer_g = optimizer_g or _adam(1e-4)
-        self.optimizer_d = optimizer_d or _adam(4e-4)
+        self.optimizer_g = optimizer_g or ttur_adam(1e-4)
+        self.optimizer_d = optimizer_d or ttur_adam(4e-4)
         self.sim_weight, self.magp_k, self.magp_p, self.grad_clip = sim_weight, magp_k, magp_p, grad_clip
         self.images_seen = 0
         self.ema_half_life_kimg, self.ema_rampup = ema_half_life_kimg, ema_rampup
@@ -430,5 +430,6 @@ def ema_copy(generator: Generator, clip: FrozenCLIP) -> Generator:
     return ema.requires_grad_(False).eval()
 
 
-def _adam(lr: float) -> OptimizerFactory:
-    return lambda params: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.9), fused=True)
+def ttur_adam(lr: float, fused: bool = True) -> OptimizerFactory:
+    """The paper's Adam (β = (0, 0.9)) as a factory; ``fused=False`` is torch's default per-parameter loop."""
+    return lambda params: torch.optim.Adam(params, lr=lr, betas=(0.0, 0.9), fused=fused)

@@ -320,6 +320,10 @@ def shard_dataset(
         # WebDataset(resampled=True) draws shards with a seed from the pid, the clock and os.urandom, and
         # ignores `seed`: two ranks could draw the same shards and no run could be replayed. Draw them from
         # (seed, epoch, rank·1000 + worker) instead: different per rank and worker, the same on every run.
+        if not isinstance(dataset.pipeline[0], wds.ResampledShards):  # webdataset's layout has changed
+            raise RuntimeError(
+                f"expected WebDataset's first stage to be ResampledShards: {dataset.pipeline[0]}"
+            )
         dataset.pipeline[0] = wds.ResampledShards(urls, seed=seed, deterministic=True)
     if shuffle_buffer:
         dataset = dataset.shuffle(shuffle_buffer)
