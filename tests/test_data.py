@@ -31,7 +31,7 @@ from galip.data import (
     write_shapes_shards,
     write_shards,
 )
-from galip.data.shapes import SIZES, sample_scene
+from galip.data.shapes import SIZES, n_objects_probs, sample_scene
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,37 @@ def test_splits_never_share_a_scene():
     assert not specs["val"] & specs["test"]
     val = ShapesWorld(0, "val", 20)
     assert all(val.scene(i)[0].split() == "val" for i in range(20))
+
+
+def test_max_objects_draws_the_simpler_part_of_the_world():
+    one = ShapesWorld(seed=0, split="val", length=40, max_objects=1)
+    two = ShapesWorld(seed=0, split="val", length=80, max_objects=2)
+    assert {len(one.scene(i)[0].objects) for i in range(40)} == {1}
+    assert {len(two.scene(i)[0].objects) for i in range(80)} == {1, 2}
+    for i in range(5):  # still the world: same splits, labels in the same three slots
+        scene = one.scene(i)[0]
+        assert scene.split() == "val"
+        assert one[i]["labels"]["shape"].tolist()[1:] == [-1, -1]
+    # the whole world is what it was: max_objects=3 keeps N_OBJECTS_PROBS as written
+    default, full = ShapesWorld(seed=0, length=30), ShapesWorld(seed=0, length=30, max_objects=3)
+    assert [default.scene(i)[0].spec() for i in range(30)] == [full.scene(i)[0].spec() for i in range(30)]
+    assert n_objects_probs(1) == (1.0,)
+    assert n_objects_probs(2) == pytest.approx((0.4 / 0.75, 0.35 / 0.75))
+    with pytest.raises(ValueError, match="max_objects"):
+        ShapesWorld(max_objects=4)
+
+
+def test_shard_keys_name_max_objects_only_below_the_whole_world(tmp_path, monkeypatch):
+    from galip import world
+
+    written = []
+    monkeypatch.setattr(world, "artefact_dir", lambda kind, config: written.append(config) or tmp_path)
+    monkeypatch.setattr("galip.data.write_shapes_shards", lambda *a, **k: written.append(k))
+    monkeypatch.setattr(world, "write_config", lambda *a: None)
+    world.ensure_shapes_shards(8, 4, 16, 0)
+    world.ensure_shapes_shards(8, 4, 16, 0, max_objects=1)
+    assert "max_objects" not in written[0] and written[1]["max_objects"] == 3
+    assert written[2]["max_objects"] == 1 and written[3]["max_objects"] == 1
 
 
 def test_shard_round_trip(tmp_path, tokenizer):

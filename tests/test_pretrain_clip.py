@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 import galip.pretrain_clip as pc
@@ -275,6 +277,70 @@ def test_clip_probe_scores_a_clip_that_only_sees_circles():
     assert result["shape"] == sum(o.shape == "circle" for o in probed) / n
     assert 0 < result["shape"] < 1
     assert result["colour"] == sum(COLOUR_NAMES.index(o.colour) == 0 for o in probed) / n
+    # position: every candidate scores the same, so the first free place wins
+    firsts = [_first_free_place(world.scene(i)[0], i) for i in range(n)]
+    assert result["position"] == sum(f == o.position for f, o in zip(firsts, probed, strict=True)) / n
+
+
+def _first_free_place(scene, i):
+    from galip.data.shapes import POSITION_NAMES
+
+    k = i % len(scene.objects)
+    taken = {o.position for j, o in enumerate(scene.objects) if j != k}
+    return next(p for p in POSITION_NAMES if p not in taken)
+
+
+def test_position_swaps_move_one_object_or_exchange_two():
+    from galip.data.shapes import POSITION_PHRASES, position_swaps
+
+    one = "a small red circle on the left on a grey background"
+    swaps = position_swaps(one, random.Random(0))
+    assert sorted(swaps) == sorted(
+        one.replace("on the left", p) for p in POSITION_PHRASES.values() if p != "on the left"
+    )
+    two = "a small red circle on the left and a large blue square at the top, on a grey background"
+    swaps = position_swaps(two, random.Random(0))
+    assert len(swaps) == 5  # four other places for the picked object, and the exchange
+    assert "a small red circle at the top and a large blue square on the left, on a grey background" in swaps
+    relational = "a small red circle to the left of a large blue square on a grey background"
+    assert sorted(position_swaps(relational, random.Random(0))) == sorted(
+        relational.replace("to the left of", r) for r in ("to the right of", "above", "below")
+    )
+    assert position_swaps("a red thing", random.Random(0)) == []
+
+
+def test_caption_negatives_loss_masks_missing_negatives_by_hand():
+    """Images with different numbers of negatives: each row's CE over [own, its own negatives] only."""
+    from galip.data.shapes import ShapesWorld
+
+    torch.manual_seed(0)
+    module = pc.build_module(pc.compose_config([]))
+    world = ShapesWorld(seed=0, split="train", length=3, image_size=64)
+    items = [world[i] for i in range(3)]
+    out = module(
+        torch.stack([it["image"] for it in items]), module.tokenizer([it["caption"] for it in items])
+    )
+    negatives = [["a red circle", "a blue square"], [], ["a green diamond on the left"]]
+    loss = module.caption_negatives_loss(out, negatives)
+    scale, img = out["logit_scale"], out["image_features"]
+    expected = []
+    for i in (0, 2):
+        text = F.normalize(module.model.encode_text(module.tokenizer(negatives[i])), dim=-1)
+        logits = scale * torch.cat([(img[i] * out["text_features"][i]).sum()[None], text @ img[i]])
+        expected.append(-torch.log_softmax(logits, 0)[0])
+    assert loss.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-5)
+    loss.backward()  # the masked slots must not poison the learnable temperature (0 * inf = NaN)
+    assert torch.isfinite(module.model.logit_scale.grad).all()
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+    assert module.caption_negatives_loss(out, [[], [], []]).item() == 0.0
+
+
+def test_position_negatives_loss_enters_the_training_loss():
+    cfg = pc.compose_config(["loss.position_negatives_weight=1.0"])
+    module = pc.build_module(cfg)
+    assert module.hparams.position_negatives_weight == 1.0
+    assert pc._loss_key(cfg)["position_negatives_weight"] == 1.0
+    assert "position_negatives_weight" not in pc._loss_key(pc.compose_config([]))
 
 
 def test_shape_negatives_loss_trains_both_towers():
@@ -310,7 +376,11 @@ def test_probe_ranks_captions_by_any_score_and_checks_image_count():
     def oracle(image, candidates):  # knows scene i's true caption: the probe must count every scene
         return torch.tensor([float(c in captions) for c in candidates])
 
-    assert attribute_probe(Geometry(), n_scenes=n, score=oracle) == {"shape": 1.0, "colour": 1.0}
+    assert attribute_probe(Geometry(), n_scenes=n, score=oracle) == {
+        "shape": 1.0,
+        "colour": 1.0,
+        "position": 1.0,
+    }
     with pytest.raises(ValueError, match="3 images for 12 scenes"):
         attribute_probe(Geometry(), n_scenes=n, images=torch.zeros(3, 3, 16, 16), score=oracle)
 

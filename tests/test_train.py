@@ -68,7 +68,8 @@ def test_smoke_experiment_end_to_end(tmp_path):
         assert torch.equal(value, state[f"discriminator.{key}"]), key
     assert not module.training
     result = probe_discriminator(run_dir, n_scenes=4)
-    assert set(result) == {"shape", "colour"} and all(v in (0, 0.25, 0.5, 0.75, 1.0) for v in result.values())
+    assert set(result) == {"shape", "colour", "position"}
+    assert all(v in (0, 0.25, 0.5, 0.75, 1.0) for v in result.values())
     with pytest.raises(FileNotFoundError, match="training run directory"):
         module_from_run(tmp_path)
 

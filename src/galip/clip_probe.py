@@ -1,8 +1,8 @@
 """Does a CLIP see an attribute? Zero-shot probe on real shapes-world scenes.
 
-For each val scene, one object's shape (or colour) is swapped for every other value in the caption; the probe
-counts how often the CLIP's image embedding is closest to the true caption (chance: 1/4 for shape, 1/8 for
-colour). GALIP's D and its CLIP loss can only pass on what this CLIP sees.
+For each val scene, one object's shape (or colour, or place) is swapped for every other value in the caption;
+the probe counts how often the CLIP's image embedding is closest to the true caption (chance: 1/4 for shape,
+1/8 for colour, 1/5 to 1/3 for position: only places no other object holds are offered). GALIP's D and its CLIP loss can only pass on what this CLIP sees.
 
     python -m galip.clip_probe                      # the demo's shapes CLIP (shipped or cached)
     python -m galip.clip_probe path/to/clip.pt 400  # another checkpoint of the tiny architecture, N scenes
@@ -37,9 +37,11 @@ import torch.nn.functional as F
 import yaml
 
 from galip.clip import FrozenCLIP, load_clip
-from galip.data.shapes import COLOUR_NAMES, SHAPES, Scene, ShapesWorld, pil_to_tensor
+from galip.data.shapes import COLOUR_NAMES, POSITION_NAMES, SHAPES, Scene, ShapesWorld, pil_to_tensor
 
 ATTRIBUTES = {"shape": tuple(SHAPES), "colour": tuple(COLOUR_NAMES)}
+# The probe also moves the object to each place no other object holds (chance 1/5 for one object, 1/3 for three).
+PROBED = {**ATTRIBUTES, "position": tuple(POSITION_NAMES)}
 
 
 Score = Callable[[torch.Tensor, list[str]], torch.Tensor]  # ([1, 3, H, W], captions) -> one score each
@@ -87,15 +89,24 @@ def attribute_probe(
     if images is not None and len(images) != n_scenes:
         raise ValueError(f"{len(images)} images for {n_scenes} scenes")
     score = score or clip_score(clip)
-    hits = dict.fromkeys(ATTRIBUTES, 0)
+    hits = dict.fromkeys(PROBED, 0)
     for i in range(n_scenes):
         scene, _ = world.scene(i)
         image = pil_to_tensor(scene.render(world.image_size)) if images is None else images[i]
         k = i % len(scene.objects)
-        for attribute, values in ATTRIBUTES.items():
+        for attribute in PROBED:
+            values = _candidates(scene, k, attribute)
             scores = score(image[None], [_swapped(scene, k, attribute, v).caption(i) for v in values])
             hits[attribute] += int(scores.argmax()) == values.index(getattr(scene.objects[k], attribute))
     return {attribute: count / n_scenes for attribute, count in hits.items()}
+
+
+def _candidates(scene: Scene, k: int, attribute: str) -> tuple[str, ...]:
+    """The values object k may take in a swap: every value, but for position only the places left free."""
+    if attribute != "position":
+        return PROBED[attribute]
+    taken = {o.position for j, o in enumerate(scene.objects) if j != k}
+    return tuple(p for p in POSITION_NAMES if p not in taken)
 
 
 @torch.no_grad()
@@ -229,7 +240,7 @@ def judge_shapes(export: str | Path, n_scenes: int = 256, seed: int = 0) -> torc
 
 
 def _print(what, n_scenes: int, result: dict[str, float]) -> dict[str, float]:
-    chance = ", ".join(f"{a} {1 / len(v):.3f}" for a, v in ATTRIBUTES.items())
+    chance = ", ".join(f"{a} {1 / len(v):.3f}" for a, v in ATTRIBUTES.items()) + ", position 0.2-0.33"
     print(
         f"{what}: true caption over single-attribute swaps, {n_scenes} val scenes: "
         + ", ".join(f"{a} {acc:.3f}" for a, acc in result.items())

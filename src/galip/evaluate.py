@@ -132,7 +132,7 @@ def judge_metrics(cfg: DictConfig, generate, nz: int) -> dict[str, float]:
     from galip.metrics.judge import evaluate_generator
 
     n = cfg.metrics.judge.get("n_samples") or cfg.n_samples
-    world = ShapesWorld(cfg.data.seed, cfg.split, n, cfg.data.image_size)
+    world = ShapesWorld(cfg.data.seed, cfg.split, n, cfg.data.image_size, cfg.data.get("max_objects", 3))
     judge = load_judge_for(cfg.metrics).to(cfg.device)
     return evaluate_generator(generate, world, judge, n=n, batch_size=cfg.batch_size, seed=cfg.seed, nz=nz)
 

@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from galip.cache import artefact_dir, config_key, write_config
 from galip.clip import model_config
-from galip.data.shapes import shape_swaps
+from galip.data.shapes import position_swaps, shape_swaps
 from galip.train import normalize_slot_overrides
 
 log = logging.getLogger("galip.pretrain_clip")
@@ -116,6 +116,7 @@ class ContrastiveCLIP(L.LightningModule):
         retrieval_batch: int = 64,
         status_every: int = 0,
         shape_negatives_weight: float = 0.0,
+        position_negatives_weight: float = 0.0,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -148,10 +149,12 @@ class ContrastiveCLIP(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         out = self(batch["image"], batch["tokens"])
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
-        if self.hparams.shape_negatives_weight:
-            hard = self.shape_negatives_loss(batch, out, batch_idx)
-            self.log("train/shape_negatives", hard, batch_size=len(batch["caption"]))
-            loss = loss + self.hparams.shape_negatives_weight * hard
+        for kind, term in (("shape", self.shape_negatives_loss), ("position", self.position_negatives_loss)):
+            weight = self.hparams[f"{kind}_negatives_weight"]
+            if weight:
+                hard = term(batch, out, batch_idx)
+                self.log(f"train/{kind}_negatives", hard, batch_size=len(batch["caption"]))
+                loss = loss + weight * hard
         with torch.no_grad():
             sim = out["image_features"] @ out["text_features"].T
             own = torch.arange(sim.shape[0], device=sim.device)
@@ -167,17 +170,40 @@ class ContrastiveCLIP(L.LightningModule):
     ) -> torch.Tensor:
         """Cross-entropy of each image over its own caption and that caption's `shape_swaps` (label 0)."""
         rng = random.Random(batch_idx)  # which shape word is swapped: fixed per step, so reruns agree
-        swaps = [shape_swaps(c, rng) for c in batch["caption"]]
-        keep = [i for i, s in enumerate(swaps) if s]
-        negatives = [c for i in keep for c in swaps[i]]
-        tokens = self.tokenizer(negatives).to(self.device)
-        neg = F.normalize(self.model.encode_text(tokens), dim=-1).view(
-            len(keep), -1, out["text_features"].shape[1]
-        )
+        return self.caption_negatives_loss(out, [shape_swaps(c, rng) for c in batch["caption"]])
+
+    def position_negatives_loss(
+        self, batch: dict[str, Any], out: dict[str, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        """Cross-entropy of each image over its own caption and that caption's `position_swaps` (label 0)."""
+        rng = random.Random(f"position-{batch_idx}")  # its own stream, independent of the shape swaps
+        return self.caption_negatives_loss(out, [position_swaps(c, rng) for c in batch["caption"]])
+
+    def caption_negatives_loss(
+        self, out: dict[str, torch.Tensor], negatives: list[list[str]]
+    ) -> torch.Tensor:
+        """Mean over the images with negatives of CE(image vs [own caption, *its negatives]), label 0.
+
+        Images may have different numbers of negatives: missing ones are masked out of the softmax."""
+        keep = [i for i, n in enumerate(negatives) if n]
+        if not keep:
+            return out["logit_scale"] * 0.0
+        width = max(len(negatives[i]) for i in keep)
+        flat = [c for i in keep for c in negatives[i]]
+        text = F.normalize(self.model.encode_text(self.tokenizer(flat).to(self.device)), dim=-1)
+        index = torch.zeros(len(keep), width, dtype=torch.long, device=self.device)
+        valid = torch.zeros(len(keep), width, dtype=torch.bool, device=self.device)
+        start = 0
+        for row, i in enumerate(keep):
+            n = len(negatives[i])
+            index[row, :n] = torch.arange(start, start + n, device=self.device)
+            valid[row, :n] = True
+            start += n
         img, own = out["image_features"][keep], out["text_features"][keep]
-        logits = out["logit_scale"] * torch.cat(
-            [(img * own).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", img, neg)], dim=1
-        )
+        sims = torch.cat([(img * own).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", img, text[index])], 1)
+        # mask after scaling: a -inf inside the product would give the logit scale a 0·inf = NaN gradient
+        mask = torch.cat([valid.new_ones(len(keep), 1), valid], dim=1)
+        logits = (out["logit_scale"] * sims).masked_fill(~mask, float("-inf"))
         return F.cross_entropy(logits, torch.zeros(len(keep), dtype=torch.long, device=self.device))
 
     @property
@@ -294,8 +320,8 @@ def artefact_config(cfg: DictConfig) -> dict[str, Any]:
 def _loss_key(cfg: DictConfig) -> dict[str, Any]:
     """The loss settings; an unused hard-negative term is left out, so keys made before it existed still hold."""
     loss = OmegaConf.to_container(cfg.loss, resolve=True)
-    if not loss.get("shape_negatives_weight"):
-        loss.pop("shape_negatives_weight", None)
+    for unused in [k for k in ("shape_negatives_weight", "position_negatives_weight") if not loss.get(k)]:
+        loss.pop(unused, None)
     return loss
 
 

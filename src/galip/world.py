@@ -15,16 +15,27 @@ from galip.cache import artefact_dir, write_config
 
 
 def ensure_shapes_shards(
-    n_train: int = 10_000, n_val: int = 512, image_size: int = 64, seed: int = 0
+    n_train: int = 10_000, n_val: int = 512, image_size: int = 64, seed: int = 0, max_objects: int = 3
 ) -> Path:
-    """A directory of PNG WebDataset shards of the shapes world (train and val), written if missing."""
+    """A directory of PNG WebDataset shards of the shapes world (train and val), written if missing.
+
+    ``max_objects`` < 3: scenes of at most that many objects (keyed only then, so the whole world's shard
+    sets keep their keys)."""
     from galip.data import write_shapes_shards
 
     config = {"n_train": n_train, "n_val": n_val, "image_size": image_size, "seed": seed, "format": 1}
+    if max_objects != 3:
+        config["max_objects"] = max_objects
     directory = artefact_dir("shards", config)
     if not (directory / "config.json").is_file():
         print(f"shapes world: writing {n_train} + {n_val} scenes to {directory}", flush=True)
-        write_shapes_shards(directory, {"train": n_train, "val": n_val}, seed=seed, image_size=image_size)
+        write_shapes_shards(
+            directory,
+            {"train": n_train, "val": n_val},
+            seed=seed,
+            image_size=image_size,
+            max_objects=max_objects,
+        )
         write_config(directory, config)  # last: its presence means the shard set is complete
     return directory
 
@@ -46,13 +57,14 @@ def judge_path() -> str:
 
 
 def register_resolvers() -> None:
-    """``${galip.shapes_clip:}`` (``${galip.shapes_clip:4}``: patch size 4), ``${galip.judge:}``, ``${galip.shapes_shards:n_train,n_val,size,seed}``."""
+    """``${galip.shapes_clip:}`` (``${galip.shapes_clip:4}``: patch size 4), ``${galip.judge:}``,
+    ``${galip.shapes_shards:n_train,n_val,size,seed[,max_objects]}``."""
     OmegaConf.register_new_resolver("galip.shapes_clip", shapes_clip_path, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("galip.judge", judge_path, replace=True, use_cache=True)
     OmegaConf.register_new_resolver(
         "galip.shapes_shards",
-        lambda n_train, n_val, size, seed: str(
-            ensure_shapes_shards(int(n_train), int(n_val), int(size), int(seed))
+        lambda n_train, n_val, size, seed, max_objects=3: str(
+            ensure_shapes_shards(int(n_train), int(n_val), int(size), int(seed), int(max_objects))
         ),
         replace=True,
         use_cache=True,

@@ -103,9 +103,10 @@ class JudgeEvaluator:
         world_seed: int = 0,
         image_size: int = 64,
         seed: int = 0,
+        max_objects: int = 3,
     ):
         self.judge_path, self.n_samples, self.batch_size, self.seed = judge_path, n_samples, batch_size, seed
-        self.world = ShapesWorld(world_seed, split, n_samples, image_size)
+        self.world = ShapesWorld(world_seed, split, n_samples, image_size, max_objects)
         self._judge: Judge | None = None
 
     def __call__(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

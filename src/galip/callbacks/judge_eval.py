@@ -27,7 +27,8 @@ class JudgeEvaluation(L.Callback):
         batch_size: generation batch size.
         dirpath: where ``judge_metrics.jsonl`` goes.
         seed: seed of the generator noise (the same noise at every evaluation).
-        world_seed, image_size: the val world the captions and real images come from.
+        world_seed, image_size, max_objects: the val world the captions and real images come from (the
+            data's ``max_objects``, so a run is judged on the kind of scene it trains on).
     """
 
     def __init__(
@@ -40,11 +41,12 @@ class JudgeEvaluation(L.Callback):
         seed: int = 0,
         world_seed: int = 0,
         image_size: int = 64,
+        max_objects: int = 3,
     ):
         self.judge_path = judge_path
         self.every_n_batches, self.n_samples, self.batch_size = every_n_batches, n_samples, batch_size
         self.dirpath, self.seed = Path(dirpath), seed
-        self.world = ShapesWorld(world_seed, "val", n_samples, image_size)
+        self.world = ShapesWorld(world_seed, "val", n_samples, image_size, max_objects)
         self._judge: Judge | None = None
         self.last_metrics: dict[str, float] | None = None
         self._evaluated_at: int | None = None

@@ -165,8 +165,20 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, canvas: int) -> None:
         raise ValueError(f"unknown shape {obj.shape!r}")
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
-    n = int(rng.choice(np.arange(1, MAX_OBJECTS + 1), p=N_OBJECTS_PROBS))
+def n_objects_probs(max_objects: int = MAX_OBJECTS) -> tuple[float, ...]:
+    """P(n objects) for n = 1..max_objects: the world's `N_OBJECTS_PROBS`, cut at ``max_objects`` and renormalised."""
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
+    if max_objects == MAX_OBJECTS:
+        return N_OBJECTS_PROBS  # as written: the whole world's scenes stay exactly what they were
+    head = N_OBJECTS_PROBS[:max_objects]
+    return tuple(p / sum(head) for p in head)
+
+
+def sample_scene(rng: np.random.Generator, max_objects: int = MAX_OBJECTS) -> Scene:
+    """A random scene of 1..``max_objects`` objects (the full world: 1-3; the label slots stay `MAX_OBJECTS`)."""
+    probs = n_objects_probs(max_objects)
+    n = int(rng.choice(np.arange(1, max_objects + 1), p=probs))
     positions = rng.choice(len(POSITION_NAMES), size=n, replace=False)
     objects = [
         Obj(
@@ -249,6 +261,46 @@ def shape_swaps(caption: str, rng: random.Random) -> list[str]:
     ]
 
 
+POSITION_WORDS = re.compile("|".join(POSITION_PHRASES.values()))
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+RELATION_WORDS = re.compile("|".join(RELATIONS))
+
+
+def position_swaps(caption: str, rng: random.Random) -> list[str]:
+    """The caption with one object's place (picked by ``rng``) changed to each other place.
+
+    Hard negatives for where things are: plain in-batch contrast never needs it (colour and background
+    already tell 128 scenes apart), and a CLIP whose sentence vector does not say where an object is
+    gives GALIP's generator no reason to put it there. A place phrase ("on the left") becomes each of the
+    four others, and where the caption places several objects, one more negative exchanges that object's
+    place with another object's (the same words, bound the other way round). In the relational template
+    ("a … to the left of a …") the relation becomes each of the three others. A caption naming no place
+    gives ``[]``.
+    """
+    for words, options in ((POSITION_WORDS, tuple(POSITION_PHRASES.values())), (RELATION_WORDS, RELATIONS)):
+        found = list(words.finditer(caption))
+        if not found:
+            continue
+        word = rng.choice(found)
+        swaps = [
+            caption[: word.start()] + other + caption[word.end() :]
+            for other in options
+            if other != word.group()
+        ]
+        if len(found) > 1:
+            other = rng.choice([w for w in found if w is not word])
+            first, second = sorted((word, other), key=lambda w: w.start())
+            swaps.append(
+                caption[: first.start()]
+                + second.group()
+                + caption[first.end() : second.start()]
+                + first.group()
+                + caption[second.end() :]
+            )
+        return swaps
+    return []
+
+
 def shape_swap(caption: str, rng: random.Random) -> str | None:
     """One hard negative: the caption with one shape word (picked by ``rng``) changed to another shape;
     ``None`` when the caption names no shape. GALIP's D uses these as extra mismatched pairs
@@ -261,12 +313,25 @@ def shape_swap(caption: str, rng: random.Random) -> str | None:
 # Dataset, shards, data module
 # ---------------------------------------------------------------------------------------------------------
 class ShapesWorld(Dataset):
-    """`length` scenes of one split: {image [-1,1] (3,S,S), caption, labels (dict of long tensors), key}."""
+    """`length` scenes of one split: {image [-1,1] (3,S,S), caption, labels (dict of long tensors), key}.
 
-    def __init__(self, seed: int = 0, split: str = "train", length: int = 10_000, image_size: int = 64):
+    ``max_objects`` < 3 draws from the part of the world with at most that many objects per scene (the same
+    scenes, captions and splits; the object count renormalised); 3 is the whole world.
+    """
+
+    def __init__(
+        self,
+        seed: int = 0,
+        split: str = "train",
+        length: int = 10_000,
+        image_size: int = 64,
+        max_objects: int = MAX_OBJECTS,
+    ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
+        n_objects_probs(max_objects)  # validates
         self.seed, self.split, self.length, self.image_size = seed, split, length, image_size
+        self.max_objects = max_objects
 
     def __len__(self) -> int:
         return self.length
@@ -275,7 +340,7 @@ class ShapesWorld(Dataset):
         """The index-th scene of this split (and the rng, positioned to pick its caption template)."""
         rng = np.random.default_rng((self.seed, list(SPLITS).index(self.split), index))
         while True:  # rejection: ~1.25 draws for train, ~10 for val/test, all cheap (no rendering)
-            scene = sample_scene(rng)
+            scene = sample_scene(rng, self.max_objects)
             if scene.split() == self.split:
                 return scene, rng
 
@@ -308,16 +373,17 @@ def write_shapes_shards(
     seed: int = 0,
     image_size: int = 64,
     max_per_shard: int = 1000,
+    max_objects: int = MAX_OBJECTS,
 ) -> dict[str, list[Path]]:
     """Render each split (e.g. {'train': 50_000, 'val': 1000}) to lossless PNG shards under `out_dir`."""
     return {
         split: write_shards(
-            ShapesWorld(seed, split, n, image_size).shard_samples(),
+            ShapesWorld(seed, split, n, image_size, max_objects).shard_samples(),
             out_dir,
             prefix=split,
             max_per_shard=max_per_shard,
             image_format="png",
-            source=f"galip.data.shapes seed={seed} image_size={image_size}",
+            source=f"galip.data.shapes seed={seed} image_size={image_size} max_objects={max_objects}",
         )
         for split, n in counts.items()
     }
@@ -341,8 +407,11 @@ class ShapesDataModule(ResumableData, L.LightningDataModule):
         seed: int = 0,
         shards: str | Path | None = None,
         shuffle_buffer: int = 1000,
+        max_objects: int = MAX_OBJECTS,
     ):
         super().__init__()
+        n_objects_probs(max_objects)  # validates
+        self.max_objects = max_objects
         self.tokenizer = tokenizer
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.n_train, self.n_val, self.seed = n_train, n_val, seed
@@ -353,7 +422,9 @@ class ShapesDataModule(ResumableData, L.LightningDataModule):
         return self.trainer.world_size if self.trainer is not None else 1
 
     def _world(self, split: str, length: int) -> Dataset:
-        return Tokenized(ShapesWorld(self.seed, split, length, self.image_size), self.tokenizer)
+        return Tokenized(
+            ShapesWorld(self.seed, split, length, self.image_size, self.max_objects), self.tokenizer
+        )
 
     def _memory_loader(self, split: str, length: int, train: bool) -> DataLoader:
         sampler = self.train_sampler(length, self.seed) if train else None
