@@ -171,6 +171,20 @@ def test_shard_keys_name_max_objects_only_below_the_whole_world(tmp_path, monkey
     assert written[2]["max_objects"] == 1 and written[3]["max_objects"] == 1
 
 
+def test_shape_or_position_swap_changes_one_of_the_two():
+    import random
+
+    from galip.data.shapes import position_swaps, shape_or_position_swap, shape_swaps
+
+    caption = "a small red circle on the left and a large blue square at the top, on a grey background"
+    drawn = [shape_or_position_swap(caption, random.Random(i)) for i in range(40)]
+    every_shape = {c for i in range(40) for c in shape_swaps(caption, random.Random(i))}
+    every_place = {c for i in range(40) for c in position_swaps(caption, random.Random(i))}
+    assert set(drawn) <= every_shape | every_place
+    assert set(drawn) & every_shape and set(drawn) & every_place
+    assert shape_or_position_swap("a red thing", random.Random(0)) is None
+
+
 def test_shard_round_trip(tmp_path, tokenizer):
     world = ShapesWorld(seed=0, split="train", length=10, image_size=32)
     paths = write_shards(world.shard_samples(), tmp_path, prefix="train", max_per_shard=4, image_format="png")

@@ -160,7 +160,7 @@ def test_the_4_pixel_patch_clip_is_shipped_and_the_demo_can_run_on_it(tmp_path, 
     from galip.world import shapes_clip_path
 
     monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
-    path = Path(shapes_clip_path(4))
+    path = Path(shapes_clip_path(4, "loss.position_negatives_weight=0", "optim.steps=600"))
     assert path.parent.parent == SHIPPED_ROOT / "clip", (
         "the patch-4 setting no longer matches the shipped CLIP"
     )
@@ -168,6 +168,21 @@ def test_the_4_pixel_patch_clip_is_shipped_and_the_demo_can_run_on_it(tmp_path, 
     assert Path(cfg.clip.path) == path
     frozen = load_clip(name=None, model_cfg=OmegaConf.to_container(cfg.clip.model_cfg), path=path)
     assert frozen.geometry.grid == 16 and frozen.visual.conv1.weight.shape[-1] == 4
+
+
+def test_the_position_aware_clip_is_shipped_and_composes(tmp_path, monkeypatch):
+    """conf/clip/shapes_pos.yaml resolves to the shipped CLIP pretrained with position negatives."""
+    from conftest import compose_config
+
+    monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
+    cfg = compose_config(["+experiment=demo", "clip=shapes_pos"])
+    path = Path(cfg.clip.path)
+    assert path.parent.parent == SHIPPED_ROOT / "clip", "shapes_pos.yaml no longer matches the shipped CLIP"
+    written = json.loads((path.parent / "config.json").read_text())
+    assert written["loss"]["position_negatives_weight"] == 1.0 and written["optim"]["steps"] == 800
+    assert Path(pc.ensure_shapes_clip()) != path  # the demo's default is still the shape-only CLIP
+    frozen = load_clip(name=None, model_cfg=OmegaConf.to_container(cfg.clip.model_cfg), path=path)
+    assert frozen.geometry.grid == 8
 
 
 def test_retraining_goes_to_the_cache_never_over_a_shipped_copy(tmp_path, monkeypatch):

@@ -40,14 +40,16 @@ def ensure_shapes_shards(
     return directory
 
 
-def shapes_clip_path(patch_size: int | str | None = None) -> str:
+def shapes_clip_path(patch_size: int | str | None = None, *overrides: str) -> str:
     """The shapes CLIP of ``+experiment=shapes_clip`` (``patch_size``: that experiment with another patch size,
-    e.g. 4 for conf/clip/shapes_p4.yaml)."""
+    e.g. 4 for conf/clip/shapes_p4.yaml; ``overrides``: further pretraining overrides such as
+    ``optim.steps=600``, e.g. ``${galip.shapes_clip:4,'optim.steps=600'}``)."""
     from galip.pretrain_clip import ensure_shapes_clip
 
-    if patch_size in (None, ""):
-        return str(ensure_shapes_clip())
-    return str(ensure_shapes_clip([f"clip.model_cfg.vision_cfg.patch_size={int(patch_size)}"]))
+    extra = [str(o) for o in overrides]
+    if patch_size not in (None, ""):
+        extra.insert(0, f"clip.model_cfg.vision_cfg.patch_size={int(patch_size)}")
+    return str(ensure_shapes_clip(extra or None))
 
 
 def judge_path() -> str:
@@ -57,7 +59,7 @@ def judge_path() -> str:
 
 
 def register_resolvers() -> None:
-    """``${galip.shapes_clip:}`` (``${galip.shapes_clip:4}``: patch size 4), ``${galip.judge:}``,
+    """``${galip.shapes_clip:}`` (``${galip.shapes_clip:4[,'override',…]}``: patch size 4), ``${galip.judge:}``,
     ``${galip.shapes_shards:n_train,n_val,size,seed[,max_objects]}``."""
     OmegaConf.register_new_resolver("galip.shapes_clip", shapes_clip_path, replace=True, use_cache=True)
     OmegaConf.register_new_resolver("galip.judge", judge_path, replace=True, use_cache=True)

@@ -309,6 +309,16 @@ def shape_swap(caption: str, rng: random.Random) -> str | None:
     return rng.choice(swaps) if swaps else None
 
 
+def shape_or_position_swap(caption: str, rng: random.Random) -> str | None:
+    """One hard negative for D: a `shape_swaps` or a `position_swaps` caption (which kind: ``rng``, even odds)."""
+    kinds = [shape_swaps, position_swaps]
+    rng.shuffle(kinds)
+    for swaps in (kind(caption, rng) for kind in kinds):
+        if swaps:
+            return rng.choice(swaps)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Dataset, shards, data module
 # ---------------------------------------------------------------------------------------------------------
