@@ -2,7 +2,8 @@
 
 For each val scene, one object's shape (or colour, or place) is swapped for every other value in the caption;
 the probe counts how often the CLIP's image embedding is closest to the true caption (chance: 1/4 for shape,
-1/8 for colour, 1/5 to 1/3 for position: only places no other object holds are offered). GALIP's D and its CLIP loss can only pass on what this CLIP sees.
+1/8 for colour, 1/5 to 1/3 for position: only places no other object holds are offered). GALIP's D and its
+CLIP loss can only pass on what this CLIP sees.
 
     python -m galip.clip_probe                      # the demo's shapes CLIP (shipped or cached)
     python -m galip.clip_probe path/to/clip.pt 400  # another checkpoint of the tiny architecture, N scenes

@@ -188,17 +188,12 @@ class ContrastiveCLIP(L.LightningModule):
         keep = [i for i, n in enumerate(negatives) if n]
         if not keep:
             return out["logit_scale"] * 0.0
-        width = max(len(negatives[i]) for i in keep)
         flat = [c for i in keep for c in negatives[i]]
         text = F.normalize(self.model.encode_text(self.tokenizer(flat).to(self.device)), dim=-1)
-        index = torch.zeros(len(keep), width, dtype=torch.long, device=self.device)
-        valid = torch.zeros(len(keep), width, dtype=torch.bool, device=self.device)
-        start = 0
-        for row, i in enumerate(keep):
-            n = len(negatives[i])
-            index[row, :n] = torch.arange(start, start + n, device=self.device)
-            valid[row, :n] = True
-            start += n
+        counts = torch.tensor([len(negatives[i]) for i in keep], device=self.device)
+        valid = torch.arange(int(counts.max()), device=self.device) < counts[:, None]  # [rows, widest]
+        index = torch.zeros(valid.shape, dtype=torch.long, device=self.device)
+        index[valid] = torch.arange(len(flat), device=self.device)  # row-major: the order of `flat`
         img, own = out["image_features"][keep], out["text_features"][keep]
         sims = torch.cat([(img * own).sum(-1, keepdim=True), torch.einsum("bd,bkd->bk", img, text[index])], 1)
         # mask after scaling: a -inf inside the product would give the logit scale a 0·inf = NaN gradient

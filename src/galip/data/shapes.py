@@ -255,10 +255,12 @@ def shape_swaps(caption: str, rng: random.Random) -> list[str]:
     found = list(SHAPE_WORDS.finditer(caption))
     if not found:
         return []
-    word = rng.choice(found)
-    return [
-        caption[: word.start()] + other + caption[word.end() :] for other in SHAPES if other != word.group()
-    ]
+    return _each_other(caption, rng.choice(found), SHAPES)
+
+
+def _each_other(caption: str, word: re.Match, options: tuple[str, ...]) -> list[str]:
+    """The caption with the matched ``word`` replaced by each of the other ``options``."""
+    return [caption[: word.start()] + o + caption[word.end() :] for o in options if o != word.group()]
 
 
 POSITION_WORDS = re.compile("|".join(POSITION_PHRASES.values()))
@@ -282,11 +284,7 @@ def position_swaps(caption: str, rng: random.Random) -> list[str]:
         if not found:
             continue
         word = rng.choice(found)
-        swaps = [
-            caption[: word.start()] + other + caption[word.end() :]
-            for other in options
-            if other != word.group()
-        ]
+        swaps = _each_other(caption, word, options)
         if len(found) > 1:
             other = rng.choice([w for w in found if w is not word])
             first, second = sorted((word, other), key=lambda w: w.start())
