@@ -115,6 +115,21 @@ def test_official_layout_refuses_options_it_cannot_hold(tiny_clip):
     headed = Discriminator(geo.width, geo.grid, geo.embed_dim, 3, embedding_head=True)
     with pytest.raises(ValueError, match="embedding_head"):
         to_official(tiny_generator(tiny_clip), headed)
+    bigger = Generator(tiny_clip, ngf=16, prompt_blocks=[1], image_size=128)
+    with pytest.raises(ValueError, match="image_size"):
+        to_official(bigger, tiny_discriminator(tiny_clip))
+    to_official(Generator(tiny_clip, ngf=16, prompt_blocks=[1], image_size=64), tiny_discriminator(tiny_clip))
+
+
+def test_export_round_trip_of_a_generator_that_draws_more_than_its_clip_reads(tiny_clip, tmp_path):
+    torch.manual_seed(0)
+    g = perturb_(Generator(tiny_clip, ngf=16, prompt_blocks=[1], image_size=128), 0).eval()
+    rebuilt = build_generator(export_generator(g, tmp_path / "g.safetensors", TINY_SPEC), clip=tiny_clip)
+    z, s = inputs(tiny_clip)
+    with torch.no_grad():
+        out = rebuilt(z, s)
+        torch.testing.assert_close(out, g(z, s), rtol=0, atol=0)
+    assert out.shape[-1] == 128
 
 
 def test_export_embeds_random_clip_and_restores_it(tiny_g, tiny_clip, tiny_export):

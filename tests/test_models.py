@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import TINY_CLIP_CFG
 from galip.clip import FrozenCLIP
 from galip.models import (
     BridgeFeaturePredictor,
@@ -92,6 +93,36 @@ def test_generator_output_tiny(tiny_clip):
     out.mean().backward()
     assert all(p.grad is not None for p in g.parameters())
     assert all(p.grad is None for p in tiny_clip.parameters())
+
+
+def test_generator_draws_its_own_size_and_a_smaller_clip_reads_it_with_gradients():
+    """image_size=64 around a 32-px CLIP: one more decoder stage, 64-px images, and D's taps and the CLIP
+    embedding of them (through FrozenCLIP.preprocess's resize) carry gradients back to G."""
+    from galip.clip import load_clip
+
+    cfg = {**TINY_CLIP_CFG, "vision_cfg": {**TINY_CLIP_CFG["vision_cfg"], "image_size": 32, "patch_size": 4}}
+    torch.manual_seed(0)
+    clip = load_clip(name=None, model_cfg=cfg)
+    assert clip.geometry.image_size == 32 and clip.geometry.grid == 8
+    kw = {"ngf": 16, "code_ch": 16, "mid_ch": 8, "n_fusion_blocks": 2, "prompt_blocks": (1, 2)}
+    own, paper = Generator(clip, image_size=64, **kw), Generator(clip, **kw)
+    assert (len(own.decoder.blocks), len(paper.decoder.blocks)) == (4, 3)
+    assert own.config["image_size"] == 64 and paper.config["image_size"] is None
+    out = own(torch.randn(2, 100), torch.randn(2, 64))
+    assert out.shape == (2, 3, 64, 64)
+    assert paper(torch.randn(2, 100), torch.randn(2, 64)).shape == (2, 3, 32, 32)
+    taps, emb = clip.image_taps(out, [1, 3])
+    assert taps.shape == (2, 2, 64, 8, 8)
+    (taps.square().mean() + emb.square().mean()).backward()
+    assert own.decoder.to_rgb.weight.grad.abs().sum() > 0
+
+
+def test_cnn_generator_draws_its_own_size(tiny_clip):
+    from galip.models.baseline import cnn_generator
+
+    g = cnn_generator(tiny_clip, ngf=8, image_size=32, code_input="noise")
+    assert g(torch.randn(2, 100), torch.randn(2, 64)).shape == (2, 3, 32, 32)
+    assert g.config["image_size"] == 32
 
 
 @pytest.mark.parametrize(

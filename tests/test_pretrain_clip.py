@@ -185,6 +185,23 @@ def test_the_position_aware_clip_is_shipped_and_composes(tmp_path, monkeypatch):
     assert frozen.geometry.grid == 8
 
 
+def test_pretraining_shows_a_smaller_clip_what_frozen_clip_preprocess_shows_it():
+    """A 32-px CLIP pretrained on the 64-px world: its input is FrozenCLIP.preprocess's, resize included
+    (checked against an antialiased bilinear resize done here); a constant image stays that constant."""
+    from galip.clip import FrozenCLIP
+
+    cfg = {**TINY_CLIP_CFG, "vision_cfg": {**TINY_CLIP_CFG["vision_cfg"], "image_size": 32, "patch_size": 4}}
+    module = pc.ContrastiveCLIP(cfg)
+    image = torch.rand(2, 3, 64, 64) * 2 - 1
+    mine = module.pixels(image)
+    assert mine.shape == (2, 3, 32, 32)
+    assert torch.allclose(mine, FrozenCLIP(module.model).preprocess(image), atol=1e-6)
+    by_hand = F.interpolate((image + 1) * 0.5, size=(32, 32), mode="bilinear", antialias=True)
+    assert torch.allclose(mine, (by_hand - module.mean) / module.std, atol=1e-6)
+    grey = module.pixels(torch.full((1, 3, 64, 64), 0.5))
+    assert torch.allclose(grey, (torch.full((1, 3, 1, 1), 0.75) - module.mean) / module.std, atol=1e-6)
+
+
 def test_retraining_goes_to_the_cache_never_over_a_shipped_copy(tmp_path, monkeypatch):
     monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
     shipped = pc.ensure_shapes_clip()

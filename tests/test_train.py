@@ -104,6 +104,29 @@ def test_every_experiment_composes_and_validates(name, compose, stub_artefacts):
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (outside hydra.runtime)
 
 
+def test_the_demo_on_a_32_px_clip_draws_64_px_and_trains(compose, stub_artefacts):
+    """clip=shapes_p4_32: the CLIP reads a 32-px view (8×8 grid of 4-pixel patches), G draws the world's
+    64 px, and a GALIP step runs on random CLIP weights (the stubbed path is not loaded)."""
+    import torch
+    from hydra.utils import instantiate
+
+    from galip.clip import load_clip
+    from galip.train import build_module
+
+    cfg = compose(["+experiment=demo", "clip=shapes_p4_32"])
+    validate(cfg)
+    vision = cfg.clip.model_cfg.vision_cfg
+    assert (vision.image_size, vision.patch_size, cfg.model.generator.image_size) == (32, 4, 64)
+    assert cfg.clip.path == "<galip.shapes_clip>"
+    clip = load_clip(name=None, model_cfg=OmegaConf.to_container(cfg.clip.model_cfg))
+    module = build_module(cfg, clip)
+    fake = module.generator(torch.randn(2, 100), torch.randn(2, 64))
+    assert fake.shape == (2, 3, 64, 64) and clip.geometry.grid == 8
+    taps, emb = module.d_input.fake(fake)
+    assert taps.shape[-2:] == (8, 8) and emb.shape == (2, 64)
+    assert instantiate(cfg.model.generator)(clip=clip).image_size == 64
+
+
 def test_default_config_composes_and_validates(compose):
     cfg = compose([])
     validate(cfg)

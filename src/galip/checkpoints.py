@@ -228,12 +228,16 @@ def to_official(
             out[old + key[len(new) :]] = value
         return out
 
-    if generator.config.get("code_input", "noise") != "noise" or getattr(
-        discriminator, "reads_embedding", False
+    own_size = generator.config.get("image_size") not in (None, generator.clip.geometry.image_size)
+    if (
+        generator.config.get("code_input", "noise") != "noise"
+        or own_size
+        or getattr(discriminator, "reads_embedding", False)
     ):
         raise ValueError(
             "the official layout has no place for these options (model.generator.code_input=condition, "
-            "model.discriminator.embedding_head=true): only a paper-architecture G and D convert"
+            "model.generator.image_size other than CLIP's, model.discriminator.embedding_head=true): only a "
+            "paper-architecture G and D convert"
         )
     net_g = invert(generator.state_dict(), OFFICIAL_G_MAP)
     net_g.update(

@@ -86,7 +86,7 @@ def attribute_probe(
     `val_captions`); row i stands for val scene i. ``score``: what ranks the captions (default
     `clip_score` of ``clip``; `discriminator_score` asks a trained D instead).
     """
-    world = ShapesWorld(seed=seed, split="val", length=n_scenes, image_size=clip.geometry.image_size)
+    world = ShapesWorld(seed=seed, split="val", length=n_scenes, image_size=probe_size(clip))
     if images is not None and len(images) != n_scenes:
         raise ValueError(f"{len(images)} images for {n_scenes} scenes")
     score = score or clip_score(clip)
@@ -111,6 +111,13 @@ def _candidates(scene: Scene, k: int, attribute: str) -> tuple[str, ...]:
 
 
 @torch.no_grad()
+def probe_size(clip: FrozenCLIP, world_size: int = 64) -> int:
+    """The size scenes are rendered at for a probe: CLIP's input size, but at least the world's 64 px, so a
+    CLIP that reads a smaller view (conf/clip/shapes_p4_32.yaml) sees the world through its own resize, as
+    GALIP shows it real and generated images."""
+    return max(clip.geometry.image_size, world_size)
+
+
 def patch_visibility(clip: FrozenCLIP, n_scenes: int = 200, seed: int = 0) -> dict[str, float]:
     """Fraction of the (preprocessed) pixel change of a single-attribute swap that CLIP's patch embedding sees.
 
@@ -118,14 +125,15 @@ def patch_visibility(clip: FrozenCLIP, n_scenes: int = 200, seed: int = 0) -> di
     swaps it); the change d = x − x_swapped is cut into the first layer's patches and its energy split
     between the row space of that layer's weight (what any later layer can respond to) and its null space.
     Returns one fraction per attribute and ``rank_fraction`` = rank / patch size, what an isotropic random
-    change would get.
+    change would get. For a CLIP that reads a smaller view than the world, the fractions are of the change
+    that survives its resize.
     """
     conv = clip.visual.conv1
     weight = conv.weight.detach().float().flatten(1)  # [width, 3·p·p], in F.unfold's (c, ky, kx) order
     _, sing, vh = torch.linalg.svd(weight, full_matrices=False)
     rank = int((sing > sing.max() * weight.shape[1] * torch.finfo(sing.dtype).eps).sum())
     basis = vh[:rank]  # orthonormal rows spanning the row space
-    world = ShapesWorld(seed=seed, split="val", length=n_scenes, image_size=clip.geometry.image_size)
+    world = ShapesWorld(seed=seed, split="val", length=n_scenes, image_size=probe_size(clip))
 
     def patches(image: torch.Tensor) -> torch.Tensor:
         return F.unfold(clip.preprocess(image), conv.kernel_size, stride=conv.stride)  # [1, 3·p·p, L]

@@ -38,7 +38,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from galip.cache import artefact_dir, config_key, write_config
-from galip.clip import model_config
+from galip.clip import model_config, resize_square
 from galip.data.shapes import position_swaps, shape_swaps
 from galip.train import normalize_slot_overrides
 
@@ -135,11 +135,11 @@ class ContrastiveCLIP(L.LightningModule):
 
     # -- forward ----------------------------------------------------------------------------------------
     def pixels(self, image: torch.Tensor) -> torch.Tensor:
-        """[-1, 1] images at CLIP's input size -> CLIP-normalised input."""
-        size = self.model.visual.image_size[0]
-        if image.shape[-2:] != (size, size):
-            raise ValueError(f"images are {tuple(image.shape[-2:])}, this CLIP takes {size}x{size}")
-        return ((image + 1) * 0.5 - self.mean) / self.std
+        """[-1, 1] images -> CLIP-normalised input at CLIP's input size, resized as `FrozenCLIP.preprocess`
+        does by default (antialiased bilinear), so a CLIP that reads 32 px of a 64-px world is trained on what
+        GALIP will show it."""
+        x = resize_square((image + 1) * 0.5, self.model.visual.image_size[0])
+        return (x - self.mean) / self.std
 
     def forward(self, image: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised image and text features and the logit scale (open_clip's output dict)."""

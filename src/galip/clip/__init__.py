@@ -7,6 +7,15 @@ from galip.clip.backbone import (
     config_depth,
     load_clip,
     model_config,
+    resize_square,
 )
 
-__all__ = ["CLIPGeometry", "CLIPWeightsMissing", "FrozenCLIP", "config_depth", "load_clip", "model_config"]
+__all__ = [
+    "CLIPGeometry",
+    "CLIPWeightsMissing",
+    "FrozenCLIP",
+    "config_depth",
+    "load_clip",
+    "model_config",
+    "resize_square",
+]

@@ -229,6 +229,16 @@ def _to_plain(cfg: Mapping) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def resize_square(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """Images [B, C, H, W] -> [B, C, size, size] (unchanged if already that size); antialiased for
+    bilinear/bicubic, so a CLIP that reads a smaller image than G draws sees an area-weighted downsample."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    antialias = mode in ("bilinear", "bicubic")
+    align = {"align_corners": False} if antialias else {}
+    return F.interpolate(x, size=(size, size), mode=mode, antialias=antialias, **align)
+
+
 class FrozenCLIP(nn.Module):
     """An open_clip model that is never trained and always in eval mode.
 
@@ -294,11 +304,7 @@ class FrozenCLIP(nn.Module):
         x = (image + 1) * 0.5
         if self.official_preprocess_bug:
             x = (x + 1) * 0.5
-        size = self.geometry.image_size
-        if x.shape[-1] != size or x.shape[-2] != size:
-            antialias = self.resize_mode in ("bilinear", "bicubic")
-            align = {"align_corners": False} if antialias else {}
-            x = F.interpolate(x, size=(size, size), mode=self.resize_mode, antialias=antialias, **align)
+        x = resize_square(x, self.geometry.image_size, self.resize_mode)
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
     def image_taps(

@@ -33,18 +33,22 @@ GALIP_ONLY_KEYS = frozenset(
 
 
 class CNNGenerator(nn.Module):
-    """DF-GAN's generator: noise -> 4×4 map -> text-fused GBlocks up to CLIP's input size -> tanh.
+    """DF-GAN's generator: noise -> 4×4 map -> text-fused GBlocks up to ``image_size`` (CLIP's input size
+    unless set) -> tanh.
 
     Holds the frozen CLIP by reference (for its geometry and so samplers find ``generator.clip``).
     """
 
-    def __init__(self, clip: FrozenCLIP, nz: int = 100, ngf: int = 64, start: int = 4):
+    def __init__(
+        self, clip: FrozenCLIP, nz: int = 100, ngf: int = 64, start: int = 4, image_size: int | None = None
+    ):
         super().__init__()
         geo = clip.geometry
-        self.config = {"nz": nz, "ngf": ngf, "start": start}
+        self.config = {"nz": nz, "ngf": ngf, "start": start, "image_size": image_size}
         self._clip = (clip,)  # a tuple hides it from nn.Module registration
         self.nz, self.start = nz, start
-        sizes = decoder_sizes(start, geo.image_size)
+        self.image_size = image_size or geo.image_size  # None: CLIP's input size, as GALIP's G
+        sizes = decoder_sizes(start, self.image_size)
         chans = decoder_channels(ngf, len(sizes))
         cond_dim = nz + geo.embed_dim
         self.fc = nn.Linear(nz, chans[0] * start * start)
@@ -73,6 +77,7 @@ def cnn_generator(
     clip: FrozenCLIP,
     nz: int = 100,
     ngf: int = 64,
+    image_size: int | None = None,
     batched_affines: bool = True,
     fused_fusion: bool = True,
     folded_upsample: bool = True,
@@ -85,7 +90,12 @@ def cnn_generator(
     unknown = sorted(set(galip_only) - GALIP_ONLY_KEYS)
     if unknown:
         raise TypeError(f"cnn_generator got unexpected keys {unknown}")
-    return set_execution(CNNGenerator(clip, nz=nz, ngf=ngf), batched_affines, fused_fusion, folded_upsample)
+    return set_execution(
+        CNNGenerator(clip, nz=nz, ngf=ngf, image_size=image_size),
+        batched_affines,
+        fused_fusion,
+        folded_upsample,
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -133,6 +133,9 @@ class Generator(nn.Module):
         mapped_scale: weight of the CLIP-mapped feature added to the bridge feature (paper 0.1).
         code_input: ``"noise"`` (paper) or ``"condition"``: what the bridge predictor's first Linear reads
             (see `BridgeFeaturePredictor`).
+        image_size: side of the images G draws; ``None`` = CLIP's input size (the paper). A CLIP that reads
+            a smaller image (e.g. 32 px of a 64-px world) sees G's output through `FrozenCLIP.preprocess`'s
+            antialiased resize, for D and for the CLIP term alike.
         batched_affines, fused_fusion, folded_upsample, rgb_channels_last: execution choices, not
             architecture (same maths, same weights, not stored in ``config``): all Affine MLPs computed
             together (`layers.Conditioning`), each DFBlock's elementwise steps as one op (`layers.DFBlock`),
@@ -153,6 +156,7 @@ class Generator(nn.Module):
         use_clip_mapper: bool = True,
         mapped_scale: float = 0.1,
         code_input: str = "noise",
+        image_size: int | None = None,
         batched_affines: bool = True,
         fused_fusion: bool = True,
         folded_upsample: bool = True,
@@ -172,6 +176,7 @@ class Generator(nn.Module):
             "use_clip_mapper": use_clip_mapper,
             "mapped_scale": mapped_scale,
             "code_input": code_input,
+            "image_size": image_size,
         }
         self._clip = (clip,)  # a tuple hides it from nn.Module registration
         self.nz, self.mapped_scale, self.use_clip_mapper = nz, mapped_scale, use_clip_mapper
@@ -183,7 +188,8 @@ class Generator(nn.Module):
         self.prompts = (
             PromptPredictor(cond_dim, len(self.prompt_blocks), geo.width) if self.prompt_blocks else None
         )
-        self.decoder = ImageDecoder(cond_dim, geo.width, geo.grid, geo.image_size, ngf)
+        self.image_size = image_size or geo.image_size
+        self.decoder = ImageDecoder(cond_dim, geo.width, geo.grid, self.image_size, ngf)
         set_execution(self, batched_affines, fused_fusion, folded_upsample, rgb_channels_last)
 
     @property
@@ -191,7 +197,8 @@ class Generator(nn.Module):
         return self._clip[0]
 
     def forward(self, z: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
-        """Noise [B, nz] + sentence vector [B, embed_dim] -> image [B, 3, S, S], roughly in [-1, 1]."""
+        """Noise [B, nz] + sentence vector [B, embed_dim] -> image [B, 3, S, S] (S = ``image_size``), roughly
+        in [-1, 1]."""
         cond = torch.cat([z, sent_emb.to(z.dtype)], dim=1)
         y = condition(self, cond, self.batched_affines)
         bridge = self.bridge(z, y, cond)
