@@ -110,7 +110,6 @@ def _candidates(scene: Scene, k: int, attribute: str) -> tuple[str, ...]:
     return tuple(p for p in POSITION_NAMES if p not in taken)
 
 
-@torch.no_grad()
 def probe_size(clip: FrozenCLIP, world_size: int = 64) -> int:
     """The size scenes are rendered at for a probe: CLIP's input size, but at least the world's 64 px, so a
     CLIP that reads a smaller view (conf/clip/shapes_p4_32.yaml) sees the world through its own resize, as
@@ -118,6 +117,7 @@ def probe_size(clip: FrozenCLIP, world_size: int = 64) -> int:
     return max(clip.geometry.image_size, world_size)
 
 
+@torch.no_grad()
 def patch_visibility(clip: FrozenCLIP, n_scenes: int = 200, seed: int = 0) -> dict[str, float]:
     """Fraction of the (preprocessed) pixel change of a single-attribute swap that CLIP's patch embedding sees.
 
