@@ -476,3 +476,62 @@ def test_probe_cli_builds_a_checkpoint_with_the_architecture_written_beside_it(t
     loaded = _shapes_clip(str(tmp_path / "clip.pt"))
     assert loaded.geometry.grid == 16
     assert torch.equal(loaded.visual.conv1.weight, source.visual.conv1.weight)
+
+
+def test_adversarial_images_stay_in_the_ball_and_raise_the_loss_they_attack():
+    from galip.data.shapes import ShapesWorld
+
+    torch.manual_seed(0)
+    eps = 1.5
+    cfg = pc.compose_config([f"loss.adversarial_eps={eps}", "loss.shape_negatives_weight=1.0"])
+    module = pc.build_module(cfg)
+    assert pc._loss_key(cfg)["adversarial_eps"] == eps
+    assert "adversarial_eps" not in pc._loss_key(pc.compose_config([]))  # keys made before it still hold
+    world = ShapesWorld(seed=0, split="train", length=8, image_size=64)
+    items = [world[i] for i in range(8)]
+    captions = [it["caption"] for it in items]
+    batch = {
+        "image": torch.stack([it["image"] for it in items]),
+        "caption": captions,
+        "tokens": module.tokenizer(captions),
+    }
+
+    adv = module.adversarial_images(batch, batch_idx=3)
+    moved = (adv - batch["image"]).flatten(1).norm(dim=1)
+    assert adv.shape == batch["image"].shape and not adv.requires_grad
+    assert adv.min() >= -1 and adv.max() <= 1
+    assert (moved <= eps + 1e-4).all() and (moved > 0.5 * eps).all()
+    assert torch.equal(adv, module.adversarial_images(batch, batch_idx=3))  # seeded: reruns agree
+
+    def loss(image):
+        with torch.no_grad():
+            out = module(image, batch["tokens"])
+            return module.loss(out["image_features"], out["text_features"], out["logit_scale"]).item()
+
+    noise = torch.randn_like(batch["image"])
+    random_move = batch["image"] + noise / noise.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * moved.view(
+        -1, 1, 1, 1
+    )
+    # The attack raises the contrastive loss far more than a random move of the same length.
+    assert loss(adv) - loss(batch["image"]) > 5 * abs(loss(random_move.clamp(-1, 1)) - loss(batch["image"]))
+    with pytest.raises(ValueError, match="adversarial_eps"):
+        pc.build_module(pc.compose_config(["loss.adversarial_eps=-1"]))
+
+
+def test_swap_attack_moves_within_its_budget_and_fools_the_demos_clip_not_the_judge(tmp_path, monkeypatch):
+    """The shipped demo CLIP's cosine to a shape-swapped caption can be raised to a real pair's level by a
+    pixel change the judge does not see (what lets G satisfy its CLIP term with patterns)."""
+    from galip.clip_probe import swap_attack
+    from galip.metrics.judge import load_judge
+    from galip.world import judge_path
+
+    monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
+    clip = load_clip(name=None, model_cfg=TINY_CLIP_CFG, path=pc.ensure_shapes_clip())
+    judge = load_judge(judge_path()).eval()
+    still = swap_attack(clip, judge, n_scenes=12, budget=0.0)
+    assert still["moved_l2"] == 0 and still["cos_swap_after"] == pytest.approx(still["cos_swap_before"])
+    assert still["judge_sees_true"] == still["judge_true_before"] >= 0.9
+    moved = swap_attack(clip, judge, n_scenes=12, budget=3.0, steps=15)
+    assert 0 < moved["moved_l2"] <= 3.0 + 1e-4
+    assert moved["cos_swap_after"] > moved["cos_swap_before"] + 0.1
+    assert moved["judge_sees_true"] >= 0.9  # 3 is well below the world's smallest shape change (4.7)

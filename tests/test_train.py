@@ -127,6 +127,21 @@ def test_the_demo_on_a_32_px_clip_draws_64_px_and_trains(compose, stub_artefacts
     assert instantiate(cfg.model.generator)(clip=clip).image_size == 64
 
 
+def test_the_robust_clip_option_asks_for_the_adversarially_pretrained_clip(compose, monkeypatch):
+    """clip=shapes_robust resolves through the shapes-CLIP cache with the adversarial pretraining override
+    (pretraining is stubbed: the artefact is not shipped)."""
+    import galip.pretrain_clip as pc
+    from galip.world import register_resolvers
+
+    asked = []
+    monkeypatch.setattr(pc, "ensure", lambda cfg, logs_beside=False: asked.append(cfg) or "<robust clip.pt>")
+    register_resolvers()
+    cfg = compose(["+experiment=demo", "clip=shapes_robust"])
+    assert cfg.clip.path == "<robust clip.pt>" and cfg.clip.model_cfg.vision_cfg.patch_size == 8
+    (pretrain_cfg,) = asked
+    assert pretrain_cfg.loss.adversarial_eps == 1.5 and pretrain_cfg.loss.shape_negatives_weight == 1.0
+
+
 def test_default_config_composes_and_validates(compose):
     cfg = compose([])
     validate(cfg)

@@ -11,6 +11,7 @@ CLIP loss can only pass on what this CLIP sees.
     python -m galip.clip_probe --discriminator outputs/demo/<time>   # the run's trained D, real scenes
     python -m galip.clip_probe --patch-visibility [path/to/clip.pt]  # what CLIP's first layer can see
     python -m galip.clip_probe --judge-shapes outputs/demo/<time>/generator.safetensors  # what G draws
+    python -m galip.clip_probe --swap-attack [path/to/clip.pt] [budget]  # can CLIP be fooled invisibly?
 
 With ``--generator``, the images are a trained generator's samples for the scenes' captions instead, probed
 by the generator's own frozen CLIP: does that CLIP *believe* G drew the captioned shape? Set beside the
@@ -23,6 +24,12 @@ p×p×3 pixel patch to ``width`` numbers, so when ``width < 3p²`` it has a null
 pixels inside it reaches nothing downstream — not the taps D reads, not the embedding of the CLIP loss. The
 probe reports how much of the pixel change of a single-attribute swap lies in the first layer's row space
 (`patch_visibility`); an isotropic random change gets rank / 3p² of it.
+
+``--swap-attack`` asks what G's CLIP term can get away with (`swap_attack`): starting from real one-object
+scenes, pixels are moved along CLIP's gradient towards the caption with the shape swapped, within a small L2
+budget (below the world's smallest shape change), and the independent judge says which shape it then sees.
+A CLIP whose cosine to the swap rises to a real pair's while the judge still sees the old shape can be
+satisfied by invisible patterns; a robust CLIP's gradient moves the shape itself.
 """
 
 from __future__ import annotations
@@ -157,6 +164,59 @@ def patch_visibility(clip: FrozenCLIP, n_scenes: int = 200, seed: int = 0) -> di
     return out
 
 
+def swap_attack(
+    clip: FrozenCLIP,
+    judge: torch.nn.Module,
+    n_scenes: int = 64,
+    budget: float = 3.0,
+    steps: int = 30,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Move real one-object val scenes towards their shape-swapped caption along CLIP's gradient; ask the judge.
+
+    Scene i's object gets shape ``SHAPES[(true + 1 + i % 3) % 4]`` in the target caption. ``steps`` normalised
+    gradient steps of ``budget / steps`` (L2, in the [-1, 1] pixel scale) ascend the cosine of CLIP's image
+    embedding to that caption, pixels kept in [-1, 1]. Returns the mean cosine to the swapped caption before
+    and after, to the true caption before (a real pair's level), the mean L2 moved, and the fractions of scenes
+    whose object the judge then reads as the target shape / still as the true one.
+    """
+    world = ShapesWorld(seed=seed, split="val", length=n_scenes, image_size=probe_size(clip), max_objects=1)
+    scenes = [world.scene(i)[0] for i in range(n_scenes)]
+    true = torch.tensor([SHAPES.index(s.objects[0].shape) for s in scenes])
+    target = (true + 1 + torch.arange(n_scenes) % 3) % len(SHAPES)
+    x0 = torch.stack([pil_to_tensor(s.render(world.image_size)) for s in scenes]).float()
+    with torch.no_grad():
+        own = F.normalize(
+            clip.encode_text(clip.tokenize([s.caption(i) for i, s in enumerate(scenes)])), dim=-1
+        )
+        swapped = [
+            _swapped(s, 0, "shape", SHAPES[t]).caption(i)
+            for i, (s, t) in enumerate(zip(scenes, target.tolist(), strict=True))
+        ]
+        aim = F.normalize(clip.encode_text(clip.tokenize(swapped)), dim=-1)
+
+    def cosine(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return F.cosine_similarity(clip.image_taps(image, [0])[1], text)
+
+    x = x0.clone()
+    for _ in range(steps if budget > 0 else 0):
+        x.requires_grad_(True)
+        (grad,) = torch.autograd.grad(cosine(x, aim).sum(), x)
+        step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        x = (x.detach() + budget / steps * step).clamp(-1, 1)
+    with torch.no_grad():
+        seen, before = judge.predict(x)["shape"][:, 0], judge.predict(x0)["shape"][:, 0]
+        return {
+            "cos_true_before": cosine(x0, own).mean().item(),
+            "cos_swap_before": cosine(x0, aim).mean().item(),
+            "cos_swap_after": cosine(x, aim).mean().item(),
+            "moved_l2": (x - x0).flatten(1).norm(dim=1).mean().item(),
+            "judge_sees_swap": (seen == target).float().mean().item(),
+            "judge_sees_true": (seen == true).float().mean().item(),
+            "judge_true_before": (before == true).float().mean().item(),
+        }
+
+
 def val_captions(n_scenes: int, seed: int = 0) -> list[str]:
     """The captions `attribute_probe` treats as true for its ``n_scenes`` val scenes."""
     world = ShapesWorld(seed=seed, split="val", length=n_scenes)
@@ -187,6 +247,18 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return judge_shapes(argv[1], int(argv[2]) if len(argv) > 2 else 256)
     if argv[:1] == ["--discriminator"]:
         return probe_discriminator(argv[1], int(argv[2]) if len(argv) > 2 else 400)
+    if argv[:1] == ["--swap-attack"]:
+        from galip.metrics.judge import load_judge
+        from galip.world import judge_path
+
+        path = argv[1] if len(argv) > 1 else None
+        budget = float(argv[2]) if len(argv) > 2 else 3.0
+        result = swap_attack(_shapes_clip(path), load_judge(judge_path()).eval(), budget=budget)
+        print(
+            f"{path or 'shapes CLIP'}: shape-swap attack, L2 budget {budget} (64 one-object val scenes): "
+            + json.dumps({k: round(v, 3) for k, v in result.items()})
+        )
+        return result
     path = argv[0] if argv else None
     n_scenes = int(argv[1]) if len(argv) > 1 else 400
     return _print(path or "shapes CLIP", n_scenes, attribute_probe(_shapes_clip(path), n_scenes))

@@ -117,8 +117,11 @@ class ContrastiveCLIP(L.LightningModule):
         status_every: int = 0,
         shape_negatives_weight: float = 0.0,
         position_negatives_weight: float = 0.0,
+        adversarial_eps: float = 0.0,
     ):
         super().__init__()
+        if adversarial_eps < 0:
+            raise ValueError(f"adversarial_eps must be >= 0, got {adversarial_eps}")
         self.save_hyperparameters()
         self.model = open_clip.CLIP(**model_config(model_cfg=model_cfg), output_dict=True)
         with torch.no_grad():
@@ -147,7 +150,13 @@ class ContrastiveCLIP(L.LightningModule):
 
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        out = self(batch["image"], batch["tokens"])
+        image = batch["image"]
+        if self.hparams.adversarial_eps > 0:
+            image = self.adversarial_images(batch, batch_idx)
+            self.log(
+                "train/adv_l2", (image - batch["image"]).flatten(1).norm(dim=1).mean(), batch_size=len(image)
+            )
+        out = self(image, batch["tokens"])
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
         for kind, term in (("shape", self.shape_negatives_loss), ("position", self.position_negatives_loss)):
             weight = self.hparams[f"{kind}_negatives_weight"]
@@ -164,6 +173,43 @@ class ContrastiveCLIP(L.LightningModule):
             batch_size=sim.shape[0],
         )
         return loss
+
+    def adversarial_images(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """The batch's images moved to raise the training loss, each by at most ``adversarial_eps`` (L2, in
+        the [-1, 1] pixel scale): one gradient step from a random start in the ball (fast adversarial
+        training, Wong et al. 2020), kept inside [-1, 1].
+
+        The attack sees the loss the step trains (contrastive + the hard-negative terms, text side fixed), so
+        the features that tell a caption from its shape swap must survive it. A CLIP trained on such images
+        has gradients that point at visible changes (Santurkar et al. 2019): what G's CLIP term follows.
+        """
+        image, eps = batch["image"], self.hparams.adversarial_eps
+        gen = torch.Generator(device=image.device).manual_seed(10_007 * batch_idx + self.global_step)
+        start = torch.randn(image.shape, generator=gen, device=image.device, dtype=image.dtype)
+        radius = eps * torch.rand(len(image), 1, 1, 1, generator=gen, device=image.device, dtype=image.dtype)
+        delta = (start / start.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius).requires_grad_(True)
+        with torch.enable_grad():
+            with torch.no_grad():
+                text = self.model.encode_text(batch["tokens"], normalize=True)
+            feats = self.model.encode_image(self.pixels((image + delta).clamp(-1, 1)), normalize=True)
+            out = {
+                "image_features": feats,
+                "text_features": text,
+                "logit_scale": self.model.logit_scale.exp().detach(),
+            }
+            loss = self.loss(feats, text, out["logit_scale"])
+            for kind, term in (
+                ("shape", self.shape_negatives_loss),
+                ("position", self.position_negatives_loss),
+            ):
+                weight = self.hparams[f"{kind}_negatives_weight"]
+                if weight:
+                    loss = loss + weight * term(batch, out, batch_idx)
+            (grad,) = torch.autograd.grad(loss, delta)
+        step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        delta = delta.detach() + 1.25 * eps * step
+        delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(eps)).view(-1, 1, 1, 1)  # into the ball
+        return (image + delta).clamp(-1, 1).detach()
 
     def shape_negatives_loss(
         self, batch: dict[str, Any], out: dict[str, torch.Tensor], batch_idx: int
@@ -315,7 +361,8 @@ def artefact_config(cfg: DictConfig) -> dict[str, Any]:
 def _loss_key(cfg: DictConfig) -> dict[str, Any]:
     """The loss settings; an unused hard-negative term is left out, so keys made before it existed still hold."""
     loss = OmegaConf.to_container(cfg.loss, resolve=True)
-    for unused in [k for k in ("shape_negatives_weight", "position_negatives_weight") if not loss.get(k)]:
+    optional = ("shape_negatives_weight", "position_negatives_weight", "adversarial_eps")
+    for unused in [k for k in optional if not loss.get(k)]:
         loss.pop(unused, None)
     return loss
 
