@@ -158,12 +158,9 @@ class ContrastiveCLIP(L.LightningModule):
             )
         out = self(image, batch["tokens"])
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
-        for kind, term in (("shape", self.shape_negatives_loss), ("position", self.position_negatives_loss)):
-            weight = self.hparams[f"{kind}_negatives_weight"]
-            if weight:
-                hard = term(batch, out, batch_idx)
-                self.log(f"train/{kind}_negatives", hard, batch_size=len(batch["caption"]))
-                loss = loss + weight * hard
+        for kind, hard in self.hard_negative_terms(batch, out, batch_idx).items():
+            self.log(f"train/{kind}_negatives", hard, batch_size=len(batch["caption"]))
+            loss = loss + self.hparams[f"{kind}_negatives_weight"] * hard
         with torch.no_grad():
             sim = out["image_features"] @ out["text_features"].T
             own = torch.arange(sim.shape[0], device=sim.device)
@@ -180,8 +177,9 @@ class ContrastiveCLIP(L.LightningModule):
         training, Wong et al. 2020), kept inside [-1, 1].
 
         The attack sees the loss the step trains (contrastive + the hard-negative terms, text side fixed), so
-        the features that tell a caption from its shape swap must survive it. A CLIP trained on such images
-        has gradients that point at visible changes (Santurkar et al. 2019): what G's CLIP term follows.
+        the features that tell a caption from its shape swap must survive it. The hope (Santurkar et al. 2019)
+        is a CLIP whose gradients point at visible changes, which is what G's CLIP term follows; on the shapes
+        world the tiny CLIP gave up shape before it became hard to fool (experiments/demo.md, seventh session).
         """
         image, eps = batch["image"], self.hparams.adversarial_eps
         gen = torch.Generator(device=image.device).manual_seed(10_007 * batch_idx + self.global_step)
@@ -198,18 +196,23 @@ class ContrastiveCLIP(L.LightningModule):
                 "logit_scale": self.model.logit_scale.exp().detach(),
             }
             loss = self.loss(feats, text, out["logit_scale"])
-            for kind, term in (
-                ("shape", self.shape_negatives_loss),
-                ("position", self.position_negatives_loss),
-            ):
-                weight = self.hparams[f"{kind}_negatives_weight"]
-                if weight:
-                    loss = loss + weight * term(batch, out, batch_idx)
+            for kind, hard in self.hard_negative_terms(batch, out, batch_idx).items():
+                loss = loss + self.hparams[f"{kind}_negatives_weight"] * hard
             (grad,) = torch.autograd.grad(loss, delta)
         step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
         delta = delta.detach() + 1.25 * eps * step
         delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(eps)).view(-1, 1, 1, 1)  # into the ball
         return (image + delta).clamp(-1, 1).detach()
+
+    def hard_negative_terms(
+        self, batch: dict[str, Any], out: dict[str, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        """The hard-negative terms with a non-zero weight, unweighted: {"shape": …, "position": …}."""
+        terms = {}
+        for kind, term in (("shape", self.shape_negatives_loss), ("position", self.position_negatives_loss)):
+            if self.hparams[f"{kind}_negatives_weight"]:
+                terms[kind] = term(batch, out, batch_idx)
+        return terms
 
     def shape_negatives_loss(
         self, batch: dict[str, Any], out: dict[str, torch.Tensor], batch_idx: int
