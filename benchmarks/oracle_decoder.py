@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         args.condition, args.steps, args.batch_size, args.image_size, args.max_objects, args.n_train,
         eval_every=args.eval_every, lr=args.lr, ngf=args.ngf, seed=args.seed,
     )  # fmt: skip
-    print(f"\n`python {Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
+    print(f"\n`python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     print(markdown(results))
     return results
 
