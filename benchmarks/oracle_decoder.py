@@ -5,8 +5,9 @@ it gets the exact target image, which no GAN's generator ever gets. It is condit
 
 * ``onehot``: the scene's layout as one-hots (for each of the five places: occupied, shape, colour, size;
   plus the background), the most a caption can say, in the most usable form; or
-* ``clip`` (the demo's shapes CLIP) or a shapes CLIP's ``clip.pt``: its unit sentence vector of the caption,
-  what GALIP's G is conditioned on.
+* ``clip`` (the demo's shapes CLIP) or a shapes CLIP's ``clip.pt``: its sentence vector of the caption, what
+  GALIP's G is conditioned on; ``--vector`` scales it: ``unit`` (L2-normalised, the default), ``raw`` (as
+  GALIP's G gets it) or ``standardised`` (each dimension to zero mean, unit spread over the training captions).
 
 Every ``--eval-every`` steps the independent judge scores 256 val captions, as the demo's callback does
 (`galip.metrics.judge.evaluate_generator`). What the demo can expect from ``~800`` steps of GALIP is bounded by
@@ -15,6 +16,7 @@ what this decoder learns in as many steps (experiments/demo.md).
     python benchmarks/oracle_decoder.py --steps 800 --batch-size 32            # one-object scenes, one-hots
     python benchmarks/oracle_decoder.py --steps 3200 --batch-size 8 --eval-every 800
     python benchmarks/oracle_decoder.py --condition src/galip/assets/clip/091b15d58bc6/clip.pt --max-objects 3
+    python benchmarks/oracle_decoder.py --condition clip --vector raw --steps 3200 --batch-size 8
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from galip.data.shapes import (
 # One place's slots in the one-hot layout: occupied, shape, colour, size.
 PLACE_DIM = 1 + len(SHAPES) + len(COLOUR_NAMES) + len(SIZE_NAMES)
 LAYOUT_DIM = len(POSITION_NAMES) * PLACE_DIM + len(BACKGROUND_NAMES)
+VECTORS = ("unit", "raw", "standardised")
 REPORTED = ("acc", "acc_colour", "acc_shape", "acc_size", "acc_position", "acc_background", "fd")
 
 
@@ -114,22 +117,38 @@ class OracleDecoder(nn.Module):
         return torch.tanh(self.to_rgb(F.relu(x)))
 
 
-def _encoder(condition: str, val_items: list[dict]):
-    """``(items) -> [N, D]`` for training and ``(captions) -> [B, D]`` for the judge's generate_fn."""
+def _encoder(condition: str, val_items: list[dict], vector: str = "unit", train_items: list[dict] = ()):
+    """``(items) -> [N, D]`` for training and ``(captions) -> [B, D]`` for the judge's generate_fn.
+
+    ``vector`` (CLIP conditions only): how the sentence vector is scaled (see the module docstring); the
+    ``standardised`` statistics come from ``train_items``' captions."""
     if condition == "onehot":
         by_caption = {it["caption"]: layout_onehot(it["labels"]) for it in val_items}
         return (
             lambda items: torch.stack([layout_onehot(it["labels"]) for it in items]),
             lambda captions: torch.stack([by_caption[c] for c in captions]),
         )
+    if vector not in VECTORS:
+        raise ValueError(f"vector={vector!r}: expected one of {VECTORS}")
     from galip.clip_probe import _shapes_clip
 
     clip = _shapes_clip(None if condition == "clip" else condition)
 
     @torch.no_grad()
-    def captions_to_vectors(captions: list[str]) -> torch.Tensor:
+    def raw(captions: list[str]) -> torch.Tensor:
         chunks = [captions[i : i + 256] for i in range(0, len(captions), 256)]
-        return torch.cat([F.normalize(clip.encode_text(clip.tokenize(c)).float(), dim=-1) for c in chunks])
+        return torch.cat([clip.encode_text(clip.tokenize(c)).float() for c in chunks])
+
+    shift, scale = 0.0, 1.0
+    if vector == "standardised":
+        if not train_items:
+            raise ValueError("vector='standardised' needs the training items for its statistics")
+        reference = raw([it["caption"] for it in train_items])
+        shift, scale = reference.mean(0), reference.std(0).clamp_min(1e-6)
+
+    def captions_to_vectors(captions: list[str]) -> torch.Tensor:
+        v = raw(captions)
+        return F.normalize(v, dim=-1) if vector == "unit" else (v - shift) / scale
 
     return (lambda items: captions_to_vectors([it["caption"] for it in items])), captions_to_vectors
 
@@ -146,6 +165,7 @@ def run(
     lr: float = 1e-3,
     ngf: int = 16,
     seed: int = 0,
+    vector: str = "unit",
     judge=None,
     log=print,
 ) -> list[dict]:
@@ -157,7 +177,7 @@ def run(
     world = ShapesWorld(0, "train", n_train, image_size, max_objects)
     items = [world[i] for i in range(len(world))]
     val = ShapesWorld(0, "val", n_val, 64, max_objects)  # the judge's world: 64 px, as the demo's callback
-    encode_items, encode_captions = _encoder(condition, [val[i] for i in range(len(val))])
+    encode_items, encode_captions = _encoder(condition, [val[i] for i in range(len(val))], vector, items)
     images, conds = torch.stack([it["image"] for it in items]), encode_items(items)
     decoder = OracleDecoder(conds.shape[1], image_size, ngf)
     optimizer = torch.optim.Adam(decoder.parameters(), lr, betas=(0.5, 0.99))
@@ -202,6 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument(
         "--condition", default="onehot", help="onehot, clip (the demo's CLIP) or a shapes clip.pt"
     )
+    parser.add_argument("--vector", default="unit", choices=VECTORS, help="CLIP vector scaling")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=64)
@@ -215,7 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results = run(
         args.condition, args.steps, args.batch_size, args.image_size, args.max_objects, args.n_train,
-        eval_every=args.eval_every, lr=args.lr, ngf=args.ngf, seed=args.seed,
+        eval_every=args.eval_every, lr=args.lr, ngf=args.ngf, seed=args.seed, vector=args.vector,
     )  # fmt: skip
     print(f"\n`python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     print(markdown(results))

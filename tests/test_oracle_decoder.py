@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from galip.data.shapes import Obj, Scene
@@ -55,3 +56,24 @@ def test_run_lowers_the_loss_and_reports_the_judge():
     assert results[-1]["loss"] < results[0]["loss"]
     table = oracle_decoder.markdown(results)
     assert table.count("\n") == 3 and "acc_shape" in table
+
+
+def test_clip_vector_scalings():
+    from galip.data.shapes import ShapesWorld
+
+    world = ShapesWorld(0, "train", 40, 64, 1)
+    items = [world[i] for i in range(len(world))]
+    captions = [it["caption"] for it in items]
+    encoded = {
+        v: oracle_decoder._encoder("clip", items[:4], v, items)[1](captions) for v in oracle_decoder.VECTORS
+    }
+    raw = encoded["raw"]
+    assert raw.shape == (40, 64) and raw.norm(dim=-1).min() > 2  # not unit: what GALIP's G gets
+    torch.testing.assert_close(encoded["unit"], raw / raw.norm(dim=-1, keepdim=True))
+    standard = encoded["standardised"]  # over the same captions: zero mean, unit spread per dimension
+    torch.testing.assert_close(standard.mean(0), torch.zeros(64), atol=1e-4, rtol=0)
+    torch.testing.assert_close(standard.std(0), torch.ones(64), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="vector='sphere'"):
+        oracle_decoder._encoder("clip", items[:4], "sphere", items)
+    with pytest.raises(ValueError, match="needs the training items"):
+        oracle_decoder._encoder("clip", items[:4], "standardised")
