@@ -134,10 +134,9 @@ def _encoder(condition: str, val_items: list[dict], vector: str = "unit", train_
 
     clip = _shapes_clip(None if condition == "clip" else condition)
 
-    @torch.no_grad()
-    def raw(captions: list[str]) -> torch.Tensor:
+    def raw(captions: list[str]) -> torch.Tensor:  # encode_text: no grad, fp32, not normalised
         chunks = [captions[i : i + 256] for i in range(0, len(captions), 256)]
-        return torch.cat([clip.encode_text(clip.tokenize(c)).float() for c in chunks])
+        return torch.cat([clip.encode_text(clip.tokenize(c)) for c in chunks])
 
     shift, scale = 0.0, 1.0
     if vector == "standardised":
