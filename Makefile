@@ -43,7 +43,7 @@ format: install ## ruff format + import sorting
 	$(VENV)/bin/ruff format src tests benchmarks
 
 bench: install ## speed benchmark at the ViT-B/32 geometry (several minutes on CPU)
-	$(PY) benchmarks/speed.py --out experiments/benchmarks.md
+	$(PY) benchmarks/speed.py --out experiments/log/benchmarks.md
 
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

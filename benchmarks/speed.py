@@ -22,8 +22,8 @@ on CPU (``ru_maxrss`` is monotone over a process's life), ``torch.cuda.max_memor
 
     python benchmarks/speed.py                                   # ViT-B/32, CPU, g1,g8,step8
     python benchmarks/speed.py --geometry tiny --repeats 1       # seconds, for a smoke check
-    python benchmarks/speed.py --device cuda --precision bf16 --out experiments/benchmarks.md
-    python benchmarks/speed.py --ladder --cases g8,step8 --out experiments/benchmarks.md   # lever table
+    python benchmarks/speed.py --device cuda --precision bf16 --out experiments/log/benchmarks.md
+    python benchmarks/speed.py --ladder --cases g8,step8 --out experiments/log/benchmarks.md   # lever table
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ def training_step(module, batch: dict, opt_g: torch.optim.Optimizer, opt_d: torc
 
 
 def official_step(module, batch: dict, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer) -> dict:
-    """One iteration as the official code computes it (reference §2.1), on galip's modules.
+    """One iteration as the official code computes it (docs/official_code.md#training-step), on galip's modules.
 
     Same losses and updates as `training_step`; the extra work is what the official code does for no
     gradient that is used: the real images require grad, so the D backward (and MAGP's double backward)

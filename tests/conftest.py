@@ -1,4 +1,4 @@
-"""Shared test setup: offline environment, the two CLIP geometries, and the real Hydra config.
+"""Shared fixtures: offline environment, the two CLIP geometries, the real Hydra config (helpers: helpers.py).
 
 Nothing here reaches the network: ``HF_HUB_OFFLINE=1`` and ``WANDB_MODE=offline`` are set before anything
 imports huggingface_hub or wandb (both read them at import time).
@@ -13,34 +13,14 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ.pop("HYDRA_FULL_ERROR", None)  # the entry point's one-line errors are part of what we test
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from omegaconf import OmegaConf
 
-import galip
+from tests.helpers import TINY_CLIP_CFG, compose_config
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-
-CONF_DIR = Path(galip.__file__).resolve().parent / "conf"
-TINY_CLIP_CFG: dict = yaml.safe_load((CONF_DIR / "clip" / "tiny.yaml").read_text())["model_cfg"]
-
-
-def compose_config(overrides: Sequence[str] = (), output_dir: str | os.PathLike | None = None):
-    """The real ``train`` config composed with ``hydra.compose``.
-
-    ``${hydra:runtime.output_dir}`` does not exist outside ``@hydra.main``, so ``paths.output_dir`` is always
-    overridden; ``+experiment=x`` is normalised exactly as the entry point does it.
-    """
-    from hydra import compose, initialize_config_dir
-
-    from galip.train import normalize_slot_overrides
-
-    output_dir = output_dir if output_dir is not None else "outputs/test"
-    args = [*normalize_slot_overrides(list(overrides)), f"paths.output_dir={output_dir}"]
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=args)
 
 
 @pytest.fixture
@@ -69,3 +49,24 @@ def vitb32_clip():
 
     torch.manual_seed(0)
     return load_clip("ViT-B-32-quickgelu")
+
+
+@pytest.fixture
+def stub_world_artefacts():
+    """The embedded world's configs compute artefacts (shards, tiny CLIP, judge) on first use through
+    ``${galip.call:…}``: here every such value is ``<function name>`` instead, and nothing is built."""
+    from galip.config import register_resolvers
+
+    OmegaConf.register_new_resolver("galip.call", lambda target, *_: f"<{target}>", replace=True)
+    yield
+    register_resolvers(replace=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests run only where CUDA is (and are reported as skipped elsewhere, with the reason)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

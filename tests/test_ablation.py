@@ -14,16 +14,15 @@ import yaml
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
 from galip.config import ConfigError, validate
 from galip.d_inputs import CLIPTaps, Pixels
+from galip.loading import build_module
 from galip.models import Discriminator, Generator
 from galip.models.baseline import CNNDiscriminator, CNNGenerator, cnn_generator, down_sizes
 from galip.models.projected import ProjectedDiscriminator
 from galip.sweep_summary import main as summary_main
 from galip.sweep_summary import write_summary
-from galip.train import build_module
-from test_module import one_batch_trainer
+from tests.helpers import CONF_DIR, config_file, one_batch_trainer
 
 ABLATIONS = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
 COMPONENT_ROWS = ["baseline", "clip_d", "clip_d_ccm_csm", "bridge", "galip"]
@@ -40,7 +39,7 @@ TWELVE_BLOCKS = "clip.model_cfg.vision_cfg.layers=12"
 
 
 def sweep_params(name: str) -> dict[str, str]:
-    return yaml.safe_load((CONF_DIR / "sweep" / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    return yaml.safe_load(config_file("sweep", name).read_text())["hydra"]["sweeper"]["params"]
 
 
 def sweep_values(value: str) -> list[str]:
@@ -202,17 +201,6 @@ def test_projected_discriminator_mixing_is_fixed_and_top_down():
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def stub_artefacts():
-    """The embedded world's resolvers build artefacts on first use: stub them (as in test_train)."""
-    from galip.world import register_resolvers
-
-    for name in ("galip.shapes_clip", "galip.judge", "galip.shapes_shards"):
-        OmegaConf.register_new_resolver(name, lambda *args, _n=name: f"<{_n}>", replace=True)
-    yield
-    register_resolvers()
-
-
 def test_table3_sweep_runs_the_component_rows_with_a_summary(compose):
     assert sweep_values(sweep_params("table3")["ablation"]) == COMPONENT_ROWS
     cfg = compose(["sweep=table3"])
@@ -228,7 +216,7 @@ def test_paper_sweeps_name_existing_rows(sweep, row_prefix):
 @pytest.mark.parametrize(
     ("sweep", "key"), [("taps_world", "model.tap_blocks"), ("prompts_world", "model.generator.prompt_blocks")]
 )
-def test_world_sweeps_are_valid_on_the_four_block_clip(sweep, key, compose, stub_artefacts):
+def test_world_sweeps_are_valid_on_the_four_block_clip(sweep, key, compose, stub_world_artefacts):
     values = sweep_values(sweep_params(sweep)[key])
     assert len(values) == len(set(values)) >= 4
     for value in values:
@@ -236,7 +224,7 @@ def test_world_sweeps_are_valid_on_the_four_block_clip(sweep, key, compose, stub
 
 
 @pytest.mark.parametrize("name", COMPONENT_ROWS)
-def test_component_rows_validate_on_the_embedded_world(name, compose, stub_artefacts):
+def test_component_rows_validate_on_the_embedded_world(name, compose, stub_world_artefacts):
     cfg = compose(["+experiment=demo", "sweep=table3", f"ablation={name}"])
     validate(cfg)
     assert cfg.data.image_size == 64 and cfg.task_name == "table3"
@@ -247,10 +235,10 @@ def write_run(root: Path, name: str, overrides: list[str], judge: list[dict] | N
     (root / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if judge is not None:
         lines = [
-            json.dumps({"step": 2 * (i + 1), "kimg": 0.5 * (i + 1), "metrics": m})
+            json.dumps({"step": 2 * (i + 1), "kimg": 0.5 * (i + 1), "metrics": {f"eval/{k}": v for k, v in m.items()}})
             for i, m in enumerate(judge)
         ]
-        (root / name / "judge_metrics.jsonl").write_text("\n".join(lines) + "\n")
+        (root / name / "evaluation.jsonl").write_text("\n".join(lines) + "\n")
 
 
 def test_summary_table_holds_each_runs_final_judge_metrics(tmp_path):
@@ -266,7 +254,7 @@ def test_summary_table_holds_each_runs_final_judge_metrics(tmp_path):
 
     table = write_summary(tmp_path)
     md = (tmp_path / "summary.md").read_text()
-    assert table in md and "No judge_metrics.jsonl (or an empty one) in: 3" in md
+    assert table in md and "No evaluation.jsonl (or an empty one) in: 3" in md
     assert "| 2 | ablation=baseline | 2 | 0.500 | 0.250 | 20,000 |" in md
     assert "| 10 | ablation=galip | 4 | 1.000 | 0.900 | 512 |" in md  # the last line, job order 2 < 3 < 10
 

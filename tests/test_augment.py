@@ -7,9 +7,8 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import compose_config
 from galip.augment import translate
-from test_module import build, one_batch_trainer
+from tests.helpers import build, compose_config, one_batch_trainer
 
 
 def rng(seed: int = 0) -> torch.Generator:

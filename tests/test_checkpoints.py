@@ -1,4 +1,4 @@
-"""Generator exports (safetensors) and the official GALIP checkpoint layout (reference §5, counts from §6).
+"""Generator exports (safetensors) and the official GALIP checkpoint layout (docs/official_code.md#checkpoint-format, counts from #parameter-counts).
 
 The official layout is checked at the paper's ViT-B/32 geometry (names, shapes, counts, an import round trip
 with a GPU-style fp16 CLIP copy); its error paths run the same code at the tiny geometry, where writing a
@@ -16,7 +16,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import galip
-from conftest import TINY_CLIP_CFG
 from galip.checkpoints import (
     FORMAT,
     build_generator,
@@ -28,6 +27,7 @@ from galip.checkpoints import (
 )
 from galip.clip import load_clip
 from galip.models import Discriminator, Generator
+from tests.helpers import TINY_CLIP_CFG
 
 TINY_SPEC = {"name": None, "model_cfg": TINY_CLIP_CFG}  # random-init CLIP: no weights source
 
@@ -259,12 +259,12 @@ def test_missing_export_names_the_path(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Official layout at the ViT-B/32 geometry (reference §5, §6)
+# Official layout at the ViT-B/32 geometry (docs/official_code.md#checkpoint-format, #parameter-counts)
 # ---------------------------------------------------------------------------------------------
 
 
 def official_netg_keys() -> set[str]:
-    """netG's 525 keys, written out from the reference's description (without ``module.``)."""
+    """netG's 525 keys, written out from docs/official_code.md#checkpoint-format (without ``module.``)."""
     fuse = [
         f"fuse{f}.affine{a}.fc_{gb}.linear{n}.{p}"
         for f in (1, 2)
@@ -364,7 +364,7 @@ def test_official_layout_names_vitb32(vitb32_official):
 def test_official_import_round_trip_vitb32_fp16_clip(vitb32_official, vitb32_clip, tmp_path):
     """Save in the official layout with a GPU-trained style fp16 CLIP copy, import into fresh modules."""
     g, d, ckpt = vitb32_official
-    half = ("attn.", "mlp.", "conv1.")  # conv/linear/attention tensors are fp16 on GPU (reference §1.8)
+    half = ("attn.", "mlp.", "conv1.")  # conv/linear/attention tensors are fp16 on GPU (docs/official_code.md#precision)
     net_g = {
         k: v.half() if k.startswith("module.mapping.CLIP_ViT.") and any(h in k for h in half) else v
         for k, v in ckpt["model"]["netG"].items()

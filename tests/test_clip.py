@@ -10,9 +10,9 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from conftest import TINY_CLIP_CFG
 from galip.clip import CLIPGeometry, CLIPWeightsMissing, load_clip
 from galip.clip import backbone as clip_backbone
+from tests.helpers import TINY_CLIP_CFG
 
 SOT, EOT = 49406, 49407
 

@@ -29,83 +29,26 @@ from galip.data import (
     shard_dataset,
     text_fingerprint,
 )
-from galip.data.make_shards import add_sentence_vectors, convert, shard_key
+from galip.data.make_shards import convert, shard_key
 from galip.data.make_shards import main as make_shards_main
 from galip.data.sentences import SentenceTable, cache_path, sent_member
+from galip.data.shards import add_sentence_vectors
 from galip.data.transforms import bbox_crop
 from galip.data.webdataset import quote_shard_patterns
-
-RED, BLUE = (230, 20, 20), (20, 20, 230)
+from tests.helpers import (
+    TINY_CLIP_CFG,
+    captions_of,
+    corrupt_shard,
+    make_coco,
+    make_cub,
+    run_train,
+    write_split,
+)
 
 
 # ---------------------------------------------------------------------------------------------
 # Tiny trees in the paper's layout
 # ---------------------------------------------------------------------------------------------
-def jpeg(size: tuple[int, int], box: tuple[int, int, int, int] | None = None) -> bytes:
-    """A blue JPEG with a red rectangle (x, y, w, h): the bounding box, so crops are checkable."""
-    image = Image.new("RGB", size, BLUE)
-    if box is not None:
-        x, y, w, h = box
-        image.paste(RED, (x, y, x + w, y + h))
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def captions_of(key: str, n: int = 3) -> list[str]:
-    return [f"caption {i} of {key.rsplit('/', 1)[-1].lower()}" for i in range(n)]
-
-
-def write_split(root: Path, split: str, keys: list[str]) -> None:
-    (root / split).mkdir(parents=True, exist_ok=True)
-    (root / split / "filenames.pickle").write_bytes(pickle.dumps(keys, protocol=2))
-
-
-def write_texts(root: Path, keys: list[str]) -> None:
-    for key in keys:
-        path = root / "text" / f"{key}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(captions_of(key)) + "\n\n")  # a trailing empty line is not a caption
-
-
-CUB_BOXES = {0: (40, 30, 60, 40), 1: (10, 10, 50, 70), 2: (100, 5, 40, 40)}
-
-
-def make_cub(root: Path, n_train: int = 4, n_test: int = 2) -> dict[str, list[str]]:
-    keys = [f"00{1 + i % 2}.Bird_{i % 2}/Bird_{i % 2}_00{i}_{100 + i}" for i in range(n_train + n_test)]
-    images, boxes = [], []
-    for i, key in enumerate(keys):
-        box = CUB_BOXES[i % 3]
-        path = root / "CUB_200_2011" / "images" / f"{key}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(jpeg((160, 120), box))
-        images.append(f"{i + 1} {key}.jpg")
-        boxes.append(f"{i + 1} {' '.join(f'{v:.1f}' for v in box)}")
-    (root / "CUB_200_2011" / "images.txt").write_text("\n".join(images) + "\n")
-    (root / "CUB_200_2011" / "bounding_boxes.txt").write_text("\n".join(boxes) + "\n")
-    write_texts(root, keys)
-    splits = {"train": keys[:n_train], "test": keys[n_train:]}
-    for split, split_keys in splits.items():
-        write_split(root, split, split_keys)
-    return splits
-
-
-def make_coco(root: Path, jpg_level: bool = True) -> dict[str, list[str]]:
-    splits = {
-        "train": [f"COCO_train2014_{i:012d}" for i in range(3)],
-        "test": [f"COCO_val2014_{i:012d}" for i in range(2)],
-    }
-    for split, keys in splits.items():
-        folder = root / "images" / ("train2014" if split == "train" else "val2014")
-        folder = folder / "jpg" if jpg_level else folder
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, key in enumerate(keys):
-            (folder / f"{key}.jpg").write_bytes(jpeg((90 + 10 * i, 70)))
-        write_texts(root, keys)
-        write_split(root, split, keys)
-    return splits
-
-
 @pytest.fixture
 def tokenizer(tiny_clip):
     return tiny_clip.tokenizer
@@ -212,7 +155,6 @@ def test_split_lists_may_not_unpickle_objects(cub, tokenizer):
 
 
 def test_train_entry_point_stops_with_one_line_when_data_is_missing(tmp_path):
-    from test_train import run_train
 
     args = ["+experiment=cub", "clip=tiny", "trainer=cpu", f"data.root={tmp_path / 'nowhere'}"]
     proc = run_train([*args, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, timeout=120)
@@ -287,24 +229,6 @@ def test_webdatamodule_checks_shards_and_workers(tmp_path, tokenizer, cub):
 # ---------------------------------------------------------------------------------------------
 # Corrupt data
 # ---------------------------------------------------------------------------------------------
-def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
-
-
-def corrupt_shard(path: Path, n_good: int = 4) -> Path:
-    """A truncated JPEG and a garbage member first, then `n_good` good samples."""
-    with tarfile.open(path, "w") as tar:
-        add_member(tar, "truncated.jpg", jpeg((64, 64))[:300])
-        add_member(tar, "truncated.txt", b"half a picture")
-        add_member(tar, "garbage.bin", bytes(range(256)) * 4)
-        for i in range(n_good):
-            add_member(tar, f"good{i}.jpg", jpeg((48, 40), (5, 5, 20, 20)))
-            add_member(tar, f"good{i}.txt", f"good picture {i}".encode())
-    return path
-
-
 def test_corrupt_samples_are_skipped_counted_and_carried_on_the_batches(tmp_path, tokenizer):
     shard = corrupt_shard(tmp_path / "00000.tar")
     counter = SkipCounter()
@@ -388,7 +312,6 @@ def test_folder_cache_equals_fresh_vectors_and_reaches_the_batch(cub, tiny_clip,
 
 
 def test_another_clip_never_reads_the_cache_and_edited_captions_are_caught(cub, tiny_clip, tokenizer):
-    from conftest import TINY_CLIP_CFG
     from galip.clip import load_clip
 
     root, splits = cub

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from galip.data.make_shards import convert
-from test_data_real import corrupt_shard, make_cub
+from tests.helpers import corrupt_shard, make_cub
 
 TESTS = Path(__file__).parent
 

@@ -15,11 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import compose_config
 from galip.metrics.clipsim import CLIPSimilarity
 from galip.metrics.fid import FrechetDistance, InceptionWeightsMissing, make_fid, resolve_weights, to_uint8
 from galip.metrics.protocol import caption_batches, score_generator
-from galip.metrics.reference_stats import (
+from galip.metrics.reference import (
     ReferenceStats,
     check_compatible,
     load_reference,
@@ -27,6 +26,7 @@ from galip.metrics.reference_stats import (
     save_reference,
     seed_fid,
 )
+from tests.helpers import compose_config
 
 
 class MeanColour(nn.Module):
@@ -252,11 +252,9 @@ def test_clipsim_is_mean_cosine_of_embeddings(tiny_clip):
 # A trained embedded-world run (a few batches), with the periodic evaluation callback
 # ---------------------------------------------------------------------------------------------
 TRAIN_OVERRIDES = [
-    "+experiment=demo",
-    "+callbacks/evaluation=judge",
+    "+experiment=demo",  # with the judge's periodic evaluation
     "callbacks.evaluation.every_n_kimg=0.016",  # batches of 8: after batches 2 and 4
-    "callbacks.evaluation.evaluator.n_samples=8",
-    "~callbacks.judge",
+    "callbacks.evaluation.evaluators.judge.n_samples=8",
     "callbacks.sample_grid.every_n_batches=0",
     "data.shards=null",
     "data.n_train=32",
@@ -295,14 +293,14 @@ def test_periodic_evaluation_writes_best_next_to_last(trained_run):
         0.016,
         0.032,
     ]  # not again at train end: the last batch was evaluated
-    fds = [x["metrics"]["judge/fd"] for x in lines]
+    fds = [x["metrics"]["eval/judge/fd"] for x in lines]
     assert lines[-1]["best"] == min(fds)
     best = torch.load(ckpts / "best.ckpt", map_location="cpu", weights_only=False)
     assert best["images_seen"] == (32 if fds[1] < fds[0] else 16)  # saved at the evaluation that was best
     state = best["callbacks"]["PeriodicEvaluation"]  # resumes with the best so far and the next due kimg
     assert state["best"] == min(fds) and state["next_kimg"] == pytest.approx(0.048)
     logged = next(trained_run.rglob("metrics.csv")).read_text()
-    assert "judge/fd" in logged and "eval/best" in logged
+    assert "eval/judge/fd" in logged and "eval/best" in logged
 
 
 def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -336,10 +334,10 @@ def test_evaluate_end_to_end_on_the_embedded_world(trained_run):
 
 
 def test_evaluate_a_lightning_checkpoint_uses_the_ema(trained_run):
-    from galip.evaluate import load_sampler
+    from galip.sampling import Sampler
 
-    from_ckpt = load_sampler(trained_run / "checkpoints" / "last.ckpt")
-    from_export = load_sampler(trained_run / "generator.safetensors")
+    from_ckpt = Sampler.from_file(trained_run / "checkpoints" / "last.ckpt")
+    from_export = Sampler.from_file(trained_run / "generator.safetensors")
     a = from_ckpt.generate(["a small red circle on a grey background"], n=2, seed=0)
     b = from_export.generate(["a small red circle on a grey background"], n=2, seed=0)
     torch.testing.assert_close(a, b)
@@ -358,10 +356,11 @@ def test_reference_stats_cli_then_evaluate_against_it(trained_run):
     out = trained_run / "eval_ref.json"
     args = [
         f"ckpt={trained_run / 'generator.safetensors'}",
+        "data=shapes",
         "n_samples=16",
         "data.n_val=16",
         "metrics.fid.enabled=true",
-        "metrics.judge.enabled=false",
+        "metrics.extra.judge=null",
         "metrics.clipsim.enabled=false",
         f"metrics.fid.reference={ref}",
         f"out={out}",
@@ -380,7 +379,7 @@ def test_evaluate_without_inception_weights_stops_with_one_line(trained_run, tmp
         "data=shapes",
         "metrics.fid.enabled=true",
         "metrics.fid.extractor=inception",
-        "metrics.judge.enabled=false",
+        "metrics.extra.judge=null",
     ]
     env = {**os.environ, "TORCH_HOME": str(env_home)}
     proc = subprocess.run(

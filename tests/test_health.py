@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from galip.module import NonFiniteError
-from test_module import build, one_batch_trainer, smoke_cfg
+from tests.helpers import build, one_batch_trainer, smoke_cfg
 
 
 def module_with(tmp_path, nonfinite: str):

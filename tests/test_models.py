@@ -1,11 +1,10 @@
-"""Mate-G and Mate-D: parameter counts and shapes against reference/OFFICIAL_GALIP.md, init behaviour."""
+"""Mate-G and Mate-D: parameter counts and shapes against docs/official_code.md#parameter-counts, init behaviour."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import TINY_CLIP_CFG
 from galip.clip import FrozenCLIP
 from galip.models import (
     BridgeFeaturePredictor,
@@ -18,6 +17,7 @@ from galip.models import (
 )
 from galip.models.generator import decoder_channels, decoder_sizes
 from galip.models.layers import Affine, DBlock, DFBlock, FusionBlock, GBlock
+from tests.helpers import TINY_CLIP_CFG
 
 
 def n_trainable(module: torch.nn.Module) -> int:
@@ -37,7 +37,7 @@ def vitb32_discriminator() -> Discriminator:
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter counts (reference §6, ViT-B/32 geometry)
+# Parameter counts (docs/official_code.md#parameter-counts, ViT-B/32 geometry)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -275,7 +275,7 @@ def test_fusion_and_gblock_shapes():
 
 
 def test_gblock_upsampling_is_legacy_nearest():
-    """7 -> 8 with legacy nearest duplicates row/col 0 (reference §7.2): the shortcut path shows it."""
+    """7 -> 8 with legacy nearest duplicates row/col 0 (docs/official_code.md#nearest-resizes): the shortcut path shows it."""
     block = GBlock(cond_dim=4, in_ch=2, out_ch=2, size=8)
     seen = []
     block.c1.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0]))
@@ -300,7 +300,7 @@ def test_dblock_gates_start_at_zero():
 
 
 def test_feature_extractor_at_init_is_main_conv_s_of_first_tap():
-    """Reference §1.6: at init all γ, β are 0, so D(h) = conv_s of main applied to h[:, 0]."""
+    """docs/official_code.md#discriminator-netd-and-netc: at init all γ, β are 0, so D(h) = conv_s of main applied to h[:, 0]."""
     torch.manual_seed(0)
     fe = CLIPFeatureExtractor(width=32, n_taps=3, out_ch=16)
     taps = torch.randn(2, 3, 32, 7, 7)

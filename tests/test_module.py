@@ -9,47 +9,13 @@ from dataclasses import dataclass, field
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 
-from conftest import compose_config
-from galip.data.shapes import shape_swap, shape_swaps
 from galip.module import GALIPModule
-from galip.train import build_module
+from galip.world.scenes import shape_swap, shape_swaps
+from tests.helpers import build, compose_config, one_batch_trainer, smoke_cfg
 
 LOGGED = ("d/real", "d/fake", "d/mismatch", "d/magp", "d/loss", "g/adv", "g/sim", "g/loss")
 LOGGED += ("grad_norm/g", "grad_norm/d", "kimg")
-
-
-def smoke_cfg(output_dir):
-    return compose_config(["+experiment=smoke"], output_dir=output_dir)
-
-
-def build(cfg, seed: int = 0) -> tuple[GALIPModule, L.LightningDataModule]:
-    """Like galip.train.train, minus the Trainer: tiny CLIP + small G/D from the smoke experiment."""
-    torch.manual_seed(seed)
-    clip = instantiate(cfg.clip)
-    module = build_module(cfg, clip)
-    return module, instantiate(cfg.data, tokenizer=clip.tokenizer)
-
-
-def one_batch_trainer(precision: str | None = "32", **kw) -> L.Trainer:
-    """max_steps counts optimizer steps: two per batch (D and G), so 2 = one batch.
-
-    ``precision=None`` leaves precision to a plugin passed in ``kw``."""
-    if precision is not None:
-        kw["precision"] = precision
-    return L.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        **kw,
-    )
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -385,7 +351,7 @@ def test_step_with_hard_negatives_from_config(tmp_path):
             "data.n_val=4",
             "data.batch_size=4",
             "data.num_workers=0",
-            "+model.hard_negatives._target_=galip.data.shapes.shape_swap",
+            "+model.hard_negatives._target_=galip.world.scenes.shape_swap",
             "+model.hard_negatives._partial_=true",
         ],
         output_dir=tmp_path,
@@ -468,7 +434,7 @@ def test_step_with_embedding_head_trains_the_head_and_feeds_it_clip_embeddings(t
 
 
 def test_probe_score_of_a_headed_d_uses_the_real_embedding(tmp_path):
-    from galip.clip_probe import discriminator_score
+    from galip.world.probe import discriminator_score
 
     module, _ = build(headed_cfg(tmp_path), seed=4)
     with torch.no_grad():

@@ -13,10 +13,10 @@ from hydra.utils import instantiate
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 import galip
-from conftest import compose_config
 from galip.atomic_io import AtomicCheckpointIO
 from galip.config import ConfigError
 from galip.train import train
+from tests.helpers import compose_config
 
 # 32 samples / batch 4 = 8 batches per epoch; the checkpoint at optimizer step 6 is batch 3, mid-epoch;
 # 20 optimizer steps = 10 batches, so the resumed run also crosses into the next epoch.

@@ -13,11 +13,11 @@ import copy
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from benchmarks import speed
 
 from galip.clip.blocks import _is_plain, run_block, set_gemm_attention
 from galip.models import Discriminator, Generator
@@ -32,9 +32,6 @@ from galip.models.layers import (
     resize_nearest,
     upsample2x_conv3x3,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import speed
 
 SMALL_G = {"ngf": 8, "code_ch": 8, "mid_ch": 4, "n_fusion_blocks": 2, "prompt_blocks": (1, 2)}
 

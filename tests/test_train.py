@@ -2,39 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR
-from galip.config import ConfigError, validate
-from galip.train import SLOT_GROUPS, normalize_slot_overrides
+from galip.config import SLOT_GROUPS, ConfigError, normalize_slot_overrides, validate
+from tests.helpers import CONF_DIR, compose_config, config_names, run_train
 
-EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-
-
-def run_train(args: list[str], root: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python -m galip.train ARGS`` from ``root`` with outputs under it, offline."""
-    env = {**os.environ, "GALIP_ROOT": str(root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "galip.train", *args],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# End to end
-# ---------------------------------------------------------------------------------------------
+EXPERIMENTS = config_names("experiment")
 
 
 def test_smoke_experiment_end_to_end(tmp_path):
@@ -59,10 +34,10 @@ def test_smoke_experiment_end_to_end(tmp_path):
     # The run directory rebuilds the trained module, and the D probe reads it (scores are fractions).
     import torch
 
-    from galip.clip_probe import probe_discriminator
-    from galip.train import module_from_run
+    from galip.loading import load_module
+    from galip.world.probe import probe_discriminator
 
-    module = module_from_run(run_dir)
+    module = load_module(run_dir)
     state = torch.load(last, map_location="cpu", weights_only=False)["state_dict"]
     for key, value in module.discriminator.state_dict().items():
         assert torch.equal(value, state[f"discriminator.{key}"]), key
@@ -71,7 +46,7 @@ def test_smoke_experiment_end_to_end(tmp_path):
     assert set(result) == {"shape", "colour", "position"}
     assert all(v in (0, 0.25, 0.5, 0.75, 1.0) for v in result.values())
     with pytest.raises(FileNotFoundError, match="training run directory"):
-        module_from_run(tmp_path)
+        load_module(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,19 +58,8 @@ def test_experiment_configs_exist():
     assert "smoke" in EXPERIMENTS
 
 
-@pytest.fixture
-def stub_artefacts():
-    """The embedded world's resolvers build artefacts (shards, tiny CLIP, judge) on first use: stub them here."""
-    from galip.world import register_resolvers
-
-    for name in ("galip.shapes_clip", "galip.judge", "galip.shapes_shards"):
-        OmegaConf.register_new_resolver(name, lambda *args, _n=name: f"<{_n}>", replace=True)
-    yield
-    register_resolvers()
-
-
 @pytest.mark.parametrize("name", EXPERIMENTS)
-def test_every_experiment_composes_and_validates(name, compose, stub_artefacts):
+def test_every_experiment_composes_and_validates(name, compose, stub_world_artefacts):
     cfg = compose([f"experiment={name}"])
     validate(cfg)
     for group in ("data", "clip", "model", "optim", "trainer"):
@@ -104,20 +68,20 @@ def test_every_experiment_composes_and_validates(name, compose, stub_artefacts):
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (outside hydra.runtime)
 
 
-def test_the_demo_on_a_32_px_clip_draws_64_px_and_trains(compose, stub_artefacts):
+def test_the_demo_on_a_32_px_clip_draws_64_px_and_trains(compose, stub_world_artefacts):
     """clip=shapes_p4_32: the CLIP reads a 32-px view (8×8 grid of 4-pixel patches), G draws the world's
     64 px, and a GALIP step runs on random CLIP weights (the stubbed path is not loaded)."""
     import torch
     from hydra.utils import instantiate
 
     from galip.clip import load_clip
-    from galip.train import build_module
+    from galip.loading import build_module
 
     cfg = compose(["+experiment=demo", "clip=shapes_p4_32"])
     validate(cfg)
     vision = cfg.clip.model_cfg.vision_cfg
     assert (vision.image_size, vision.patch_size, cfg.model.generator.image_size) == (32, 4, 64)
-    assert cfg.clip.path == "<galip.shapes_clip>"
+    assert cfg.clip.path == "<galip.world.shapes_clip>"
     clip = load_clip(name=None, model_cfg=OmegaConf.to_container(cfg.clip.model_cfg))
     module = build_module(cfg, clip)
     fake = module.generator(torch.randn(2, 100), torch.randn(2, 64))
@@ -130,12 +94,12 @@ def test_the_demo_on_a_32_px_clip_draws_64_px_and_trains(compose, stub_artefacts
 def test_the_robust_clip_option_asks_for_the_adversarially_pretrained_clip(compose, monkeypatch):
     """clip=shapes_robust resolves through the shapes-CLIP cache with the adversarial pretraining override
     (pretraining is stubbed: the artefact is not shipped)."""
-    import galip.pretrain_clip as pc
-    from galip.world import register_resolvers
+    import galip.world.pretrain_clip as pc
+    from galip.config import register_resolvers
 
     asked = []
     monkeypatch.setattr(pc, "ensure", lambda cfg, logs_beside=False: asked.append(cfg) or "<robust clip.pt>")
-    register_resolvers()
+    register_resolvers(replace=True)
     cfg = compose(["+experiment=demo", "clip=shapes_robust"])
     assert cfg.clip.path == "<robust clip.pt>" and cfg.clip.model_cfg.vision_cfg.patch_size == 8
     (pretrain_cfg,) = asked
@@ -157,8 +121,6 @@ def test_both_experiment_forms_select_it(form, compose):
 
 
 def test_both_forms_compose_to_the_same_config(tmp_path):
-    from conftest import compose_config
-
     plus = compose_config(["+experiment=smoke"], output_dir=tmp_path)
     bare = compose_config(["experiment=smoke"], output_dir=tmp_path)
     assert OmegaConf.to_container(plus) == OmegaConf.to_container(bare)

@@ -17,10 +17,11 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 
 def load_generator(path, device="cpu", **clip_overrides):
-    """A :class:`galip.sampling.Sampler` for a generator export (``generator.safetensors``)."""
+    """A :class:`galip.sampling.Sampler` for a trained generator: a ``generator.safetensors`` export, a training
+    ``.ckpt`` or a run directory (`galip.loading`)."""
     from galip.sampling import Sampler
 
-    return Sampler.from_export(path, device=device, **clip_overrides)
+    return Sampler.from_file(path, device=device, **clip_overrides)
 
 
 __all__ = ["__version__", "load_generator"]

@@ -19,8 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from galip import __version__
 from galip.atomic_io import atomic_path
-from galip.cache import _plain
 from galip.clip import FrozenCLIP, load_clip
+from galip.config import to_plain
 from galip.models import Generator
 
 FORMAT = "galip-generator/1"
@@ -35,7 +35,7 @@ def export_generator(generator: Generator, path: str | Path, clip_spec: Mapping[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    spec = {k: v for k, v in _plain(clip_spec).items() if not k.startswith("_")}
+    spec = {k: v for k, v in to_plain(clip_spec).items() if not k.startswith("_")}
     metadata = {
         "format": FORMAT,
         "galip_version": __version__,
@@ -88,7 +88,7 @@ def build_generator(path: str | Path, clip: FrozenCLIP | None = None, **clip_ove
 
 
 # ---------------------------------------------------------------------------------------------
-# Official GALIP checkpoints (reference §5): {'model': {'netG', 'netD', 'netC'}, 'optimizers', 'epoch'}
+# Official GALIP checkpoints (docs/official_code.md#checkpoint-format): {'model': {'netG', 'netD', 'netC'}, 'optimizers', 'epoch'}
 # ---------------------------------------------------------------------------------------------
 
 # (official prefix, our prefix), first match wins; applied to keys after any `module.` prefix is removed.

@@ -1,16 +1,94 @@
-"""Checks on a composed config that must fail fast, before anything heavy (CLIP, data) is built."""
+"""Config plumbing shared by the entry points: composing, resolvers, and checks that must fail fast.
+
+Everything here works on a composed config before anything heavy (CLIP, data) is built. Hydra stops at the
+entry points; the modules below them take plain arguments.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import importlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
 
 from galip.clip import config_depth
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+# Groups with a `null` slot in the root configs: `+experiment=x` and `experiment=x` must both select them.
+SLOT_GROUPS = ("experiment", "ablation", "debug", "sweep")
 
 
 class ConfigError(ValueError):
     """A config that contradicts itself; the message is one line naming the key."""
 
 
+# ---------------------------------------------------------------------------------------------
+# Composing
+# ---------------------------------------------------------------------------------------------
+def normalize_slot_overrides(argv: Sequence[str]) -> list[str]:
+    """``+experiment=smoke`` -> ``experiment=smoke`` (Hydra refuses "+" for a group already in the defaults)."""
+    return [a[1:] if a.startswith("+") and a[1:].split("=", 1)[0] in SLOT_GROUPS else a for a in argv]
+
+
+def compose(config_name: str, overrides: Sequence[str] = (), conf_dir: str | Path = CONF_DIR) -> DictConfig:
+    """A config of ``conf_dir`` composed as its entry point composes it (outside ``@hydra.main``)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_resolvers()
+    with initialize_config_dir(str(conf_dir), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=normalize_slot_overrides(overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolvers
+# ---------------------------------------------------------------------------------------------
+def call(target: str, *args: Any) -> Any:
+    """``${galip.call:pkg.module.function,arg,…}``: the value a function returns, computed once per config.
+
+    What ``_target_`` is for objects, this is for values: a config names a function (e.g. one that builds an
+    artefact on first use and returns its path) without the code that reads the config importing it.
+    """
+    module_name, _, name = target.rpartition(".")
+    try:
+        function = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"${{galip.call:{target}}}: no function {name!r} in module {module_name!r}") from err
+    return function(*args)
+
+
+# Resolver names of earlier releases -> their spelling now (a config that still uses one gets this line).
+RENAMED_RESOLVERS = {
+    "galip.shapes_clip": "${galip.call:galip.world.shapes_clip[,patch_size,'override',…]}",
+    "galip.judge": "${galip.call:galip.world.judge_file}",
+    "galip.shapes_shards": "${galip.call:galip.world.shapes_shards,n_train,n_val,size,seed[,max_objects]}",
+}
+
+
+def register_resolvers(replace: bool = False) -> None:
+    """``${galip.call:…}`` (see `call`); the renamed resolvers of earlier releases raise naming the new one.
+
+    Registered once per process; ``replace=True`` registers them again (e.g. after a test stubbed one)."""
+    if OmegaConf.has_resolver("galip.call") and not replace:
+        return
+    OmegaConf.register_new_resolver("galip.call", call, replace=True, use_cache=True)
+    for old, new in RENAMED_RESOLVERS.items():
+        OmegaConf.register_new_resolver(old, _renamed(old, new), replace=True)
+
+
+def _renamed(old: str, new: str):
+    def fail(*_: Any) -> Any:
+        raise ConfigError(f"${{{old}:…}} is now {new}")
+
+    return fail
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks
+# ---------------------------------------------------------------------------------------------
 def validate(cfg: DictConfig) -> None:
     """Tap and prompt blocks must exist in the CLIP (depth read from its config, no weights built)."""
     depth = config_depth(cfg.clip.get("name"), cfg.clip.get("model_cfg"))
@@ -29,3 +107,35 @@ def _check_indices(key: str, blocks, depth: int, allow_empty: bool = True) -> No
         )
     if len(set(blocks)) != len(blocks):
         raise ConfigError(f"{key}={blocks}: repeated block")
+
+
+def to_plain(cfg: Any) -> Any:
+    """A DictConfig/ListConfig (resolved) or nested mappings and sequences as plain dicts and lists."""
+    if OmegaConf.is_config(cfg):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return {str(k): to_plain(v) for k, v in cfg.items()}
+    if isinstance(cfg, list | tuple):
+        return [to_plain(v) for v in cfg]
+    return cfg
+
+
+def data_name(cfg: DictConfig) -> str:
+    """The data config's name (``coco``, ``shapes``, …) for printed lines and file names."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return HydraConfig.get().runtime.choices.get("data") or "data"
+    except (ValueError, AttributeError):
+        return cfg.data._target_.rsplit(".", 1)[-1]
+
+
+def fid_features(metrics: DictConfig):
+    """The network of a custom FID extractor (``metrics.fid.features``, a ``_target_``), built only when
+    ``metrics.fid.extractor`` names no built-in one (see `galip.metrics.fid.make_fid`)."""
+    from hydra.utils import instantiate
+
+    from galip.metrics.fid import EXTRACTORS
+
+    node = metrics.fid.get("features")
+    return instantiate(node) if node is not None and metrics.fid.extractor not in EXTRACTORS else None

@@ -1,10 +1,11 @@
 """Evaluate a generator: ``python -m galip.evaluate ckpt=…/generator.safetensors data=coco``.
 
 FID (torchmetrics) and CLIPSIM on a data split's captions, following the one protocol of
-`galip.metrics.protocol` (docs/evaluation.md); on the embedded shapes world (``data=shapes``) the judge's metrics
-too. Every printed number states N and what it was compared with; the results also go to a JSON file.
+`galip.metrics.protocol` (docs/evaluation.md), plus any evaluator the data brings (``metrics.extra``: the
+embedded world's judge with ``data=shapes``). The training callback runs the same evaluators. Every printed
+number states N and what it was compared with; the results also go to a JSON file.
 
-ckpt -> generator -> metrics -> generate + score -> print and write.
+ckpt -> generator -> evaluators -> generate + score -> print and write.
 """
 
 from __future__ import annotations
@@ -20,121 +21,51 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from galip.metrics.clipsim import CLIPSimilarity
-from galip.metrics.fid import FrechetDistance, make_fid
-from galip.metrics.protocol import score_generator
-from galip.metrics.reference_stats import load_reference, seed_fid
-from galip.models import Generator
+from galip.config import data_name, fid_features, register_resolvers
+from galip.loading import load_generator
+from galip.metrics.protocol import FIDEvaluator, Subject, run_evaluators
 from galip.sampling import Sampler
-from galip.train import module_from_checkpoint
-from galip.world import register_resolvers
 
 
-# ---------------------------------------------------------------------------------------------
-# The generator: an export, or a Lightning checkpoint (EMA weights when it has them)
-# ---------------------------------------------------------------------------------------------
-def load_sampler(ckpt: str | Path, device: str = "cpu", run_config: str | Path | None = None) -> Sampler:
-    path = Path(ckpt).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"ckpt={path}: no such file (a generator.safetensors export or a Lightning .ckpt)"
+def evaluators(cfg: DictConfig) -> dict[str, Any]:
+    """FID/CLIPSIM as ``metrics.fid`` / ``metrics.clipsim`` say, then every ``metrics.extra`` evaluator."""
+    metrics, out = cfg.metrics, {}
+    if metrics.fid.enabled or metrics.clipsim.enabled:
+        out["fid"] = FIDEvaluator(
+            n_samples=cfg.n_samples,
+            fid=bool(metrics.fid.enabled),
+            extractor=metrics.fid.extractor,
+            inception_weights=metrics.get("inception_weights"),
+            download=bool(metrics.get("download", False)),
+            reference=metrics.fid.get("reference"),
+            reference_extractor=metrics.fid.get("reference_extractor"),
+            antialias=bool(metrics.fid.get("antialias", False)),
+            features=fid_features(metrics) if metrics.fid.enabled else None,
+            clipsim=instantiate(metrics.clipsim.clip) if metrics.clipsim.enabled else None,
+            split=cfg.split,
+            seed=cfg.seed,
         )
-    if path.suffix == ".safetensors":
-        return Sampler.from_export(path, device=device)
-    if path.suffix == ".ckpt":
-        return Sampler(generator_from_lightning(path, run_config), device)
-    raise ValueError(
-        f"ckpt={path}: expected a generator export (.safetensors) or a Lightning checkpoint (.ckpt)"
-    )
+    for name, node in (metrics.get("extra") or {}).items():
+        if node is not None:
+            out[name] = instantiate(node)
+    return out
 
 
-def generator_from_lightning(path: Path, run_config: str | Path | None = None) -> Generator:
-    """G from a training checkpoint (its EMA when the run kept one), rebuilt with the run's own config
-    (``<run>/.hydra/config.yaml``)."""
-    config_file = Path(run_config) if run_config else path.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"no run config at {config_file} to rebuild the generator of {path}: pass run_config=<run>/.hydra/config.yaml"
-        )
-    return module_from_checkpoint(path, config_file).sampling_generator
-
-
-def generate_fn(sampler: Sampler, batch_size: int):
-    """(captions, noise) -> clamped images, the form the protocol and the judge take."""
-    return lambda captions, noise: sampler.from_vectors(sampler.sentence_vectors(captions), noise, batch_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Metrics from the config (shared with the reference-statistics tool)
-# ---------------------------------------------------------------------------------------------
-def build_fid(metrics: DictConfig, device: str = "cpu") -> FrechetDistance:
-    judge = load_judge_for(metrics) if metrics.fid.extractor == "judge" else None
-    fid = make_fid(
-        metrics.fid.extractor,
-        weights=metrics.get("inception_weights"),
-        download=bool(metrics.get("download", False)),
-        judge=judge,
-        antialias=bool(metrics.fid.get("antialias", False)),
-    )
-    if metrics.fid.get("reference"):
-        seed_fid(fid, load_reference(metrics.fid.reference, metrics.fid.get("reference_extractor")))
-    return fid.to(device)
-
-
-def load_judge_for(metrics: DictConfig):
-    from galip.metrics.judge import load_judge
-
-    return load_judge(metrics.judge.path)
-
-
-def data_name(cfg: DictConfig) -> str:
-    """The data config's name (``coco``, ``shapes``, …) for printed lines and file names."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return HydraConfig.get().runtime.choices.get("data") or "data"
-    except (ValueError, AttributeError):
-        return cfg.data._target_.rsplit(".", 1)[-1]
-
-
-def split_loader(cfg: DictConfig, tokenizer):
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer)
+def subject(cfg: DictConfig, sampler: Sampler) -> Subject:
+    datamodule = instantiate(cfg.data, tokenizer=sampler.clip.tokenizer)
     datamodule.setup("validate" if cfg.split == "val" else "test")
-    return datamodule.val_dataloader() if cfg.split == "val" else datamodule.test_dataloader()
+
+    def generate(captions, noise):
+        return sampler.from_vectors(sampler.sentence_vectors(captions), noise, cfg.batch_size)
+
+    return Subject(generate, sampler.generator.nz, sampler.device, sampler.clip, datamodule)
 
 
-# ---------------------------------------------------------------------------------------------
-# The run
-# ---------------------------------------------------------------------------------------------
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    sampler = load_sampler(cfg.ckpt, cfg.device, cfg.get("run_config"))
-    generate = generate_fn(sampler, cfg.batch_size)
-    metrics: dict[str, float] = {}
-    if cfg.metrics.judge.enabled:
-        metrics.update(judge_metrics(cfg, generate, sampler.generator.nz))
-    if cfg.metrics.fid.enabled or cfg.metrics.clipsim.enabled:
-        fid = build_fid(cfg.metrics, cfg.device) if cfg.metrics.fid.enabled else None
-        clipsim = (
-            CLIPSimilarity(instantiate(cfg.metrics.clipsim.clip)).to(cfg.device)
-            if cfg.metrics.clipsim.enabled
-            else None
-        )
-        loader = split_loader(cfg, sampler.clip.tokenizer)
-        metrics.update(
-            score_generator(generate, loader, cfg.n_samples, sampler.generator.nz, fid, clipsim, cfg.seed)
-        )
-    return report(cfg, metrics)
-
-
-def judge_metrics(cfg: DictConfig, generate, nz: int) -> dict[str, float]:
-    from galip.data.shapes import ShapesWorld
-    from galip.metrics.judge import evaluate_generator
-
-    n = cfg.metrics.judge.get("n_samples") or cfg.n_samples
-    world = ShapesWorld(cfg.data.seed, cfg.split, n, cfg.data.image_size, cfg.data.get("max_objects", 3))
-    judge = load_judge_for(cfg.metrics).to(cfg.device)
-    return evaluate_generator(generate, world, judge, n=n, batch_size=cfg.batch_size, seed=cfg.seed, nz=nz)
+    chosen = evaluators(cfg)  # first: missing Inception weights stop before G is loaded
+    sampler = Sampler(load_generator(cfg.ckpt, cfg.get("run_config")), cfg.device)
+    return report(cfg, run_evaluators(chosen, subject(cfg, sampler)))
 
 
 def report(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, Any]:
@@ -169,9 +100,9 @@ def report(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, Any]:
         "metrics": metrics,
         "protocol": OmegaConf.to_container(cfg.metrics, resolve=False),
     }
-    out = (
-        Path(cfg.out) if cfg.get("out") else Path(cfg.ckpt).parent / f"eval_{data_name(cfg)}_{cfg.split}.json"
-    )
+    ckpt = Path(cfg.ckpt)
+    beside = ckpt if ckpt.is_dir() else ckpt.parent
+    out = Path(cfg.out) if cfg.get("out") else beside / f"eval_{data_name(cfg)}_{cfg.split}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     lines.append(f"results -> {out}")
@@ -183,7 +114,7 @@ def report(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     if OmegaConf.is_missing(cfg, "ckpt"):
         print(
-            "galip: ckpt=PATH is required (<run dir>/generator.safetensors or a Lightning .ckpt)",
+            "galip: ckpt=PATH is required (<run dir>/generator.safetensors, a Lightning .ckpt or a run directory)",
             file=sys.stderr,
         )
         sys.exit(2)
@@ -194,7 +125,6 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
 
 
-register_resolvers()
-
 if __name__ == "__main__":
+    register_resolvers()
     main()

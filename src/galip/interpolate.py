@@ -18,7 +18,7 @@ from galip.sampling import (
 
 
 def interpolate(cfg: DictConfig) -> Path:
-    sampler = Sampler.from_export(cfg.ckpt, device=cfg.device)
+    sampler = Sampler.from_file(cfg.ckpt, device=cfg.device)
     prompts = list(cfg.prompts)
     if cfg.mode == "noise":
         images = interpolate_noise(sampler, prompts[0], cfg.steps, tuple(cfg.seeds))

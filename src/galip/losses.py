@@ -1,4 +1,4 @@
-"""GALIP's losses as pure functions on tensors (paper eq. 1–2; reference §2.2).
+"""GALIP's losses as pure functions on tensors (paper eq. 1–2; docs/official_code.md#losses).
 
 D:  L_D = E[relu(1 - D(x, s))] + ½ E[relu(1 + D(G(z, s), s))] + ½ E[relu(1 + D(x, ŝ))] + MAGP
 G:  L_G = -E[D(G(z, s), s)] - λ · E[cos(CLIP_img(G(z, s)), s)]

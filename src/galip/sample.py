@@ -14,7 +14,7 @@ from galip.sampling import Sampler, run_export_cli, save_grid, save_singles
 
 
 def sample(cfg: DictConfig) -> Path:
-    sampler = Sampler.from_export(cfg.ckpt, device=cfg.device)
+    sampler = Sampler.from_file(cfg.ckpt, device=cfg.device)
     prompts = list(cfg.prompts)
     images = sampler.generate(prompts, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size)
     out = Path(cfg.out_dir)

@@ -1,4 +1,4 @@
-"""Sampling from a generator export: prompts -> images, deterministic for a seed, batch-size independent."""
+"""Sampling from a trained generator: prompts -> images, deterministic for a seed, batch-size independent."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchvision.utils import save_image
 
-from galip.checkpoints import build_generator
+from galip.loading import load_generator
 from galip.models import Generator
 
 
 class Sampler:
-    """``Sampler.from_export(path).generate(["a red circle"], n=8, seed=0)`` -> [8, 3, H, W] in [-1, 1]."""
+    """``Sampler.from_file(path).generate(["a red circle"], n=8, seed=0)`` -> [8, 3, H, W] in [-1, 1]."""
 
     def __init__(self, generator: Generator, device: str | torch.device = "cpu", channels_last: bool = True):
         self.device = torch.device(device)
@@ -25,8 +25,14 @@ class Sampler:
         self.generator.clip.to(self.device)
 
     @classmethod
-    def from_export(cls, path: str | Path, device: str | torch.device = "cpu", **clip_overrides) -> Sampler:
-        return cls(build_generator(path, **clip_overrides), device)
+    def from_file(
+        cls, path: str | Path, device: str | torch.device = "cpu", run_config=None, **clip_overrides
+    ) -> Sampler:
+        """G of any file the project writes: an export, a training ``.ckpt`` or a run directory
+        (`galip.loading.load_generator`)."""
+        return cls(load_generator(path, run_config, **clip_overrides), device)
+
+    from_export = from_file  # the name of earlier releases
 
     @property
     def clip(self):
@@ -134,10 +140,10 @@ def save_gif(images: torch.Tensor, path: str | Path, duration_ms: int = 120, bou
 
 
 def run_export_cli(task, cfg: DictConfig) -> None:
-    """Run a CLI task on a generator export; user errors become one ``galip: …`` line and exit code 2."""
+    """Run a CLI task on a trained generator (``ckpt=``); user errors become one ``galip: …`` line and exit code 2."""
     if OmegaConf.is_missing(cfg, "ckpt"):
         print(
-            "galip: ckpt=PATH is required (a generator export: <run dir>/generator.safetensors)",
+            "galip: ckpt=PATH is required (<run dir>/generator.safetensors, a Lightning .ckpt or a run directory)",
             file=sys.stderr,
         )
         sys.exit(2)

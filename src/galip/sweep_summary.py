@@ -1,8 +1,9 @@
-"""One table for a sweep: each run's final judge metrics, as ``summary.md`` and ``summary.csv``.
+"""One table for a sweep: each run's final evaluation, as ``summary.md`` and ``summary.csv``.
 
 A run is a sub-directory of the sweep directory with Hydra's ``.hydra/overrides.yaml``; its row is labelled
 by the overrides that differ between the runs (``ablation=baseline``, ``model.tap_blocks=[0]``) and filled
-from the last line of its ``judge_metrics.jsonl`` (written by `galip.callbacks.JudgeEvaluation`).
+from the last line of its ``evaluation.jsonl`` (written by `galip.callbacks.PeriodicEvaluation`, whatever
+evaluators the run had: FID/CLIPSIM, the embedded world's judge, …).
 
 * ``hydra.callbacks`` (``+sweep=summary``, included by every ``conf/sweep`` file): written when all jobs of
   a ``-m`` run have returned, on the machine that launched them;
@@ -22,6 +23,10 @@ from typing import Any
 import yaml
 from hydra.experimental.callback import Callback
 
+EVALUATION_FILE = "evaluation.jsonl"
+PREFIX = "eval/"  # PeriodicEvaluation's default prefix, left out of the column names
+FIRST = ("fid", "clipsim", "judge/acc", "judge/fd")  # shown first when a run has them
+
 
 @dataclass
 class Run:
@@ -37,10 +42,12 @@ class Run:
 def read_run(directory: Path) -> Run:
     overrides = yaml.safe_load((directory / ".hydra" / "overrides.yaml").read_text()) or []
     run = Run(directory, [str(o) for o in overrides])
-    lines = _lines(directory / "judge_metrics.jsonl")
+    lines = _lines(directory / EVALUATION_FILE)
     if lines:
         last = json.loads(lines[-1])
-        run.step, run.kimg, run.metrics = last.get("step"), last.get("kimg"), last.get("metrics", {})
+        metrics = last.get("metrics", {})
+        run.step, run.kimg = last.get("step"), last.get("kimg")
+        run.metrics = {k.removeprefix(PREFIX): v for k, v in metrics.items()}
     return run
 
 
@@ -62,9 +69,9 @@ def labels(runs: Sequence[Run]) -> list[str]:
 
 
 def metric_names(runs: Sequence[Run]) -> list[str]:
-    """Union of the runs' metric names, ``judge/acc`` and ``judge/fd`` first, the rest in first-seen order."""
+    """Union of the runs' metric names, the headline ones (`FIRST`) first, the rest in first-seen order."""
     names: dict[str, None] = {}
-    for name in ("judge/acc", "judge/fd"):
+    for name in FIRST:
         if any(name in r.metrics for r in runs):
             names[name] = None
     for run in runs:
@@ -109,7 +116,7 @@ def write_summary(sweep_dir: str | Path) -> str:
     header, rows = table_rows(runs)
     table = markdown(header, rows)
     missing = [r.directory.name for r in runs if not r.metrics]
-    note = f"\nNo judge_metrics.jsonl (or an empty one) in: {', '.join(missing)}\n" if missing else ""
+    note = f"\nNo {EVALUATION_FILE} (or an empty one) in: {', '.join(missing)}\n" if missing else ""
     (sweep_dir / "summary.md").write_text(f"# Sweep {sweep_dir}\n\n{table}{note}")
     with open(sweep_dir / "summary.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *[["" if v is None else v for v in row] for row in rows]])

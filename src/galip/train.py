@@ -18,72 +18,14 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from galip.checkpoints import export_generator
 from galip.clip import FrozenCLIP
-from galip.config import ConfigError, validate
+from galip.config import ConfigError, normalize_slot_overrides, register_resolvers, validate
 from galip.data.paper_layout import missing_data_cause
 from galip.data.webdataset import quote_shard_patterns
+from galip.loading import build_module
 from galip.models import Generator
 from galip.module import GALIPModule, NonFiniteError
-from galip.world import register_resolvers
 
 log = logging.getLogger("galip.train")
-
-
-def build_module(cfg: DictConfig, clip: FrozenCLIP) -> GALIPModule:
-    """Generator and discriminator around the shared frozen CLIP, with their optimizers and loss weights."""
-    taps, d_input = list(cfg.model.tap_blocks), cfg.model.get("d_input", "clip")
-    generator = instantiate(cfg.model.generator)(clip=clip)
-    discriminator = instantiate(cfg.model.discriminator)(**discriminator_shape(d_input, clip, len(taps)))
-    return GALIPModule(
-        clip,
-        generator,
-        discriminator,
-        tap_blocks=taps,
-        optimizer_g=instantiate(cfg.optim.generator),
-        optimizer_d=instantiate(cfg.optim.discriminator),
-        grad_clip=cfg.model.get("grad_clip"),
-        ema_half_life_kimg=cfg.model.get("ema_half_life_kimg"),
-        nonfinite=cfg.model.get("nonfinite", "stop"),
-        d_input=d_input,
-        channels_last=cfg.model.get("channels_last", False),
-        augment_translation=cfg.model.get("augment_translation", 0.0),
-        hard_negatives=instantiate(cfg.model.get("hard_negatives")),
-        **cfg.model.loss,
-    )
-
-
-def module_from_run(run_dir: str | Path, ckpt: str = "last.ckpt") -> GALIPModule:
-    """A finished run's GALIPModule (G, EMA, D) in eval mode, from ``<run>/.hydra/config.yaml`` and
-    ``<run>/checkpoints/<ckpt>``."""
-    run = Path(run_dir)
-    config_file, path = run / ".hydra" / "config.yaml", run / "checkpoints" / ckpt
-    for needed in (config_file, path):
-        if not needed.is_file():
-            raise FileNotFoundError(f"{needed} not found: is {run} a training run directory?")
-    return module_from_checkpoint(path, config_file)
-
-
-def module_from_checkpoint(path: str | Path, config_file: str | Path) -> GALIPModule:
-    """The GALIPModule of a training checkpoint (which holds everything but the frozen CLIP), rebuilt with
-    its run's config, in eval mode and frozen."""
-    cfg = OmegaConf.load(config_file)
-    module = build_module(cfg, instantiate(cfg.clip))
-    state = torch.load(str(path), map_location="cpu", weights_only=False)["state_dict"]  # our own run's file
-    result = module.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("clip.")]
-    if missing or result.unexpected_keys:
-        raise RuntimeError(
-            f"{path} does not match its run config: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    return module.eval().requires_grad_(False)
-
-
-def discriminator_shape(d_input: str, clip: FrozenCLIP, n_taps: int) -> dict[str, int]:
-    """What D is built around: the stacked CLIP taps, or (``d_input=pixels``, the baseline) the images."""
-    geo = clip.geometry
-    if d_input == "pixels":
-        return {"image_size": geo.image_size, "embed_dim": geo.embed_dim}
-    return {"width": geo.width, "grid": geo.grid, "embed_dim": geo.embed_dim, "n_taps": n_taps}
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -94,6 +36,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
+    register_resolvers()
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)
@@ -177,15 +120,6 @@ def report(cfg: DictConfig, trainer: L.Trainer, callbacks: list[Any]) -> None:
         print("\n".join(lines), flush=True)
 
 
-# Groups with a `null` slot in train.yaml: `+experiment=x` and `experiment=x` must both select them.
-SLOT_GROUPS = ("experiment", "ablation", "debug", "sweep")
-
-
-def normalize_slot_overrides(argv: list[str]) -> list[str]:
-    """``+experiment=smoke`` -> ``experiment=smoke`` (Hydra refuses "+" for a group already in the defaults)."""
-    return [a[1:] if a.startswith("+") and a[1:].split("=", 1)[0] in SLOT_GROUPS else a for a in argv]
-
-
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
@@ -204,8 +138,25 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric", "")) if cfg.get("optimized_metric") else None
 
 
-register_resolvers()
+
+
+# Names of earlier releases that moved: asked for here, they say where.
+_MOVED = {
+    "build_module": "galip.loading.build_module",
+    "module_from_run": "galip.loading.load_module",
+    "module_from_checkpoint": "galip.loading.load_module",
+    "normalize_slot_overrides": "galip.config.normalize_slot_overrides",
+    "SLOT_GROUPS": "galip.config.SLOT_GROUPS",
+}
+
+
+def __getattr__(name: str):
+    if name in _MOVED:
+        raise AttributeError(f"galip.train.{name} moved: use {_MOVED[name]}")
+    raise AttributeError(f"module 'galip.train' has no attribute {name!r}")
+
 
 if __name__ == "__main__":
+    register_resolvers()
     sys.argv = quote_shard_patterns(normalize_slot_overrides(sys.argv))
     main()

@@ -1,8 +1,9 @@
-"""Evaluation during training: every N kimg a small-sample FID (or the judge's metrics on the embedded world),
-logged, appended to ``evaluation.jsonl``, and ``best.ckpt`` kept next to ``last.ckpt``.
+"""Evaluation during training: every N kimg the evaluators' numbers (a small-sample FID and CLIPSIM on real
+data, or what a data world brings, e.g. the embedded world's judge), logged under ``eval/``, appended to
+``evaluation.jsonl``, and ``best.ckpt`` kept next to ``last.ckpt``.
 
-The evaluators are plain callables ``(trainer, pl_module) -> {name: value}`` so the same callback serves FID on
-real data and the judge on the shapes world; both follow `galip.metrics.protocol`.
+The evaluators are the ones ``galip.evaluate`` runs: callables ``(Subject) -> {name: value}``
+(`galip.metrics.protocol`), so a number logged here and one printed there are the same measurement.
 """
 
 from __future__ import annotations
@@ -15,108 +16,7 @@ from typing import Any
 
 import lightning as L
 
-from galip.clip import FrozenCLIP
-from galip.data.shapes import ShapesWorld
-from galip.metrics.clipsim import CLIPSimilarity
-from galip.metrics.fid import FrechetDistance, make_fid, resolve_weights
-from galip.metrics.judge import Judge, evaluate_generator, load_judge
-from galip.metrics.protocol import score_generator
-from galip.metrics.reference_stats import load_reference, seed_fid
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluators
-# ---------------------------------------------------------------------------------------------
-class FIDEvaluator:
-    """Small-sample FID (+ CLIPSIM) of ``pl_module.generate`` on the datamodule's val (or test) captions.
-
-    The real statistics are computed once (first evaluation) or come from ``reference`` (a .npz). Missing
-    Inception weights fail when the callback is built, not hours into training.
-
-    Args:
-        n_samples: generated images per evaluation (small: FID is biased upwards at small N; compare runs at
-            the same N only).
-        extractor, inception_weights, download, reference, reference_extractor: as ``metrics.*`` of
-            ``galip.evaluate``.
-        clipsim: ``"model"`` scores with the model's own CLIP, ``None`` skips CLIPSIM, or a `FrozenCLIP`.
-        split: ``val`` or ``test``.
-    """
-
-    def __init__(
-        self,
-        n_samples: int = 2048,
-        batch_size: int = 64,
-        extractor: str = "inception",
-        inception_weights: str | None = None,
-        download: bool = False,
-        reference: str | None = None,
-        reference_extractor: str | None = None,
-        clipsim: str | FrozenCLIP | None = "model",
-        judge_path: str | None = None,
-        split: str = "val",
-        seed: int = 0,
-    ):
-        if extractor != "judge":
-            inception_weights = str(resolve_weights(extractor, inception_weights, download))
-        self.n_samples, self.batch_size, self.split, self.seed = n_samples, batch_size, split, seed
-        self.extractor, self.inception_weights, self.judge_path = extractor, inception_weights, judge_path
-        self.reference = load_reference(reference, reference_extractor) if reference else None
-        self.clipsim_choice = clipsim
-        self._fid: FrechetDistance | None = None
-        self._clipsim: CLIPSimilarity | None = None
-
-    def metrics(self, pl_module: L.LightningModule) -> tuple[FrechetDistance, CLIPSimilarity | None]:
-        if self._fid is None:
-            judge = load_judge(self.judge_path) if self.extractor == "judge" else None
-            self._fid = make_fid(self.extractor, self.inception_weights, judge=judge)
-            if self.reference is not None:
-                seed_fid(self._fid, self.reference)
-            clip = pl_module.clip if self.clipsim_choice == "model" else self.clipsim_choice
-            self._clipsim = CLIPSimilarity(clip) if clip is not None else None
-        self._fid.to(pl_module.device)
-        if self._clipsim is not None:
-            self._clipsim.to(pl_module.device)
-        return self._fid, self._clipsim
-
-    def loader(self, trainer: L.Trainer):
-        datamodule = trainer.datamodule
-        return datamodule.val_dataloader() if self.split == "val" else datamodule.test_dataloader()
-
-    def __call__(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        fid, clipsim = self.metrics(pl_module)
-        nz = pl_module.generator.nz
-        out = score_generator(
-            pl_module.generate, self.loader(trainer), self.n_samples, nz, fid, clipsim, self.seed
-        )
-        return {f"eval/{k}": v for k, v in out.items()}
-
-
-class JudgeEvaluator:
-    """The judge's metrics (``judge/acc``, ``judge/fd``, …) on the first ``n_samples`` scenes of a split."""
-
-    def __init__(
-        self,
-        judge_path: str | Path,
-        n_samples: int = 256,
-        batch_size: int = 64,
-        split: str = "val",
-        world_seed: int = 0,
-        image_size: int = 64,
-        seed: int = 0,
-        max_objects: int = 3,
-    ):
-        self.judge_path, self.n_samples, self.batch_size, self.seed = judge_path, n_samples, batch_size, seed
-        self.world = ShapesWorld(world_seed, split, n_samples, image_size, max_objects)
-        self._judge: Judge | None = None
-
-    def __call__(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        if self._judge is None:
-            self._judge = load_judge(self.judge_path)
-        judge = self._judge.to(pl_module.device)
-        nz = pl_module.generator.nz
-        return evaluate_generator(
-            pl_module.generate, self.world, judge, self.n_samples, self.batch_size, self.seed, nz
-        )
+from galip.metrics.protocol import Evaluator, Subject, run_evaluators
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,12 +24,15 @@ class JudgeEvaluator:
 # ---------------------------------------------------------------------------------------------
 class PeriodicEvaluation(L.Callback):
     """Every ``every_n_kimg`` thousand images seen (``pl_module.images_seen``, all ranks) and at the end of
-    training: run ``evaluator`` on rank zero, log its numbers, append them to ``<log_dir>/evaluation.jsonl``
-    and, when ``monitor`` improved, save ``<dirpath>/best.ckpt``.
+    training: run the evaluators on rank zero, log their numbers as ``{prefix}{name}``, append them to
+    ``<log_dir>/evaluation.jsonl`` and, when ``monitor`` improved, save ``<dirpath>/best.ckpt``.
 
     Args:
-        evaluator: ``(trainer, pl_module) -> dict``, e.g. `FIDEvaluator` or `JudgeEvaluator`.
+        evaluators: one evaluator, a list, or a dict of them (Hydra: one ``_target_`` per name), e.g.
+            `galip.metrics.FIDEvaluator`; each is called with a `Subject` built from the module and the
+            trainer's datamodule.
         every_n_kimg: evaluation period in kimg; 0 evaluates only at the end.
+        prefix: put before every metric name (logs, ``evaluation.jsonl``, ``monitor``).
         monitor: the metric that decides ``best.ckpt`` (``None``: no best checkpoint); ``mode`` min or max.
         dirpath: where ``best.ckpt`` goes (default: the ModelCheckpoint's directory, beside ``last.ckpt``).
         log_dir: where ``evaluation.jsonl`` goes (default: ``dirpath``'s parent).
@@ -137,8 +40,9 @@ class PeriodicEvaluation(L.Callback):
 
     def __init__(
         self,
-        evaluator,
+        evaluators: Evaluator | list[Evaluator] | dict[str, Evaluator],
         every_n_kimg: float = 10.0,
+        prefix: str = "eval/",
         monitor: str | None = None,
         mode: str = "min",
         dirpath: str | Path | None = None,
@@ -147,7 +51,8 @@ class PeriodicEvaluation(L.Callback):
     ):
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
-        self.evaluator, self.every_n_kimg, self.monitor, self.mode = evaluator, every_n_kimg, monitor, mode
+        self.evaluators, self.every_n_kimg, self.prefix = evaluators, every_n_kimg, prefix
+        self.monitor, self.mode = monitor, mode
         self.dirpath = Path(dirpath) if dirpath else None
         self.filename, self.log_dir = filename, Path(log_dir) if log_dir else None
         self.next_kimg = every_n_kimg
@@ -190,7 +95,8 @@ class PeriodicEvaluation(L.Callback):
         kimg = pl_module.images_seen / 1000.0
         metrics, better = {}, False
         if trainer.is_global_zero:
-            metrics = self.evaluator(trainer, pl_module)
+            scores = self.evaluate(trainer, pl_module)
+            metrics = {f"{self.prefix}{k}": v for k, v in scores.items()}
             better = self._judge_improvement(metrics, kimg)
             self._append(trainer, kimg, metrics)
         self.last_metrics, self._last_eval_kimg = metrics, kimg
@@ -198,6 +104,17 @@ class PeriodicEvaluation(L.Callback):
         if trainer.strategy.broadcast(better, src=0):
             trainer.save_checkpoint(self.best_path(trainer))
         return metrics
+
+    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """The evaluators' numbers for the module's generator now (no prefix, nothing written)."""
+        subject = Subject(
+            pl_module.generate,
+            pl_module.generator.nz,
+            pl_module.device,
+            getattr(pl_module, "clip", None),
+            getattr(trainer, "datamodule", None),
+        )
+        return run_evaluators(self.evaluators, subject)
 
     def _judge_improvement(self, metrics: dict[str, float], kimg: float) -> bool:
         if self.monitor is None:
@@ -218,10 +135,10 @@ class PeriodicEvaluation(L.Callback):
 
     # -- Lightning hooks ------------------------------------------------------------------------
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        kimg = pl_module.images_seen / 1000.0
-        if not self.every_n_kimg or kimg < self.next_kimg:
+        if not self.every_n_kimg or pl_module.images_seen < round(self.next_kimg * 1000):
             return
-        self.next_kimg = (math.floor(kimg / self.every_n_kimg) + 1) * self.every_n_kimg
+        period = round(self.every_n_kimg * 1000)  # in images: 3 × 6.4 kimg must be due at 19,200 images
+        self.next_kimg = (pl_module.images_seen // period + 1) * period / 1000.0
         metrics = self.run(trainer, pl_module)
         if trainer.is_global_zero:
             values = {**metrics, **({"eval/best": self.best} if self.best is not None else {})}

@@ -89,7 +89,7 @@ def load_clip(
 
     ``resize_mode`` is how images that are not at CLIP's input size are resized for it (the official code
     uses ``nearest``); ``official_preprocess_bug`` reproduces the official [0.5, 1] pixel mapping, only for
-    continuing or evaluating official checkpoints exactly (reference §7.1).
+    continuing or evaluating official checkpoints exactly (docs/official_code.md#clip-pre-processing).
     """
     # Find the weights first: a missing file or an uncached tag must fail before a (slow) model build.
     weights = None
@@ -269,7 +269,7 @@ class FrozenCLIP(nn.Module):
             if tokenizer_name
             else open_clip.SimpleTokenizer(context_length=self.geometry.context_length)
         )
-        # The official code maps [0,1] pixels to [0.5,1] before normalising (reference §7.1); off by default.
+        # The official code maps [0,1] pixels to [0.5,1] before normalising (docs/official_code.md#clip-pre-processing); off by default.
         self.official_preprocess_bug = False
         self.resize_mode = "bilinear"
         super().train(False)  # the wrapper itself too: nn.Module.__init__ left it in training mode

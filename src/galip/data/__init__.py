@@ -13,19 +13,6 @@ from galip.data.batch import (
 from galip.data.paper_layout import DatasetMissing, PaperLayout, PaperLayoutDataModule, PaperLayoutDataset
 from galip.data.random_captions import RandomCaptionDataModule, RandomCaptionDataset
 from galip.data.sentences import SentenceTable, text_fingerprint
-from galip.data.shapes import (
-    BACKGROUNDS,
-    COLOURS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    Obj,
-    Scene,
-    ShapesDataModule,
-    ShapesWorld,
-    sample_scene,
-    write_shapes_shards,
-)
 from galip.data.shards import (
     CorruptSample,
     SkipCounter,
@@ -40,24 +27,15 @@ from galip.data.shards import (
 from galip.data.webdataset import WebDataModule, expand_urls
 
 __all__ = [
-    "BACKGROUNDS",
-    "COLOURS",
     "CONTEXT_LENGTH",
     "CorruptSample",
     "DatasetMissing",
-    "POSITIONS",
-    "SHAPES",
-    "SIZES",
-    "Obj",
     "PaperLayout",
     "PaperLayoutDataModule",
     "PaperLayoutDataset",
     "RandomCaptionDataModule",
     "RandomCaptionDataset",
-    "Scene",
     "SentenceTable",
-    "ShapesDataModule",
-    "ShapesWorld",
     "SkipCounter",
     "Tokenized",
     "Tokenizer",
@@ -69,13 +47,24 @@ __all__ = [
     "expand_urls",
     "list_shards",
     "pil_to_tensor",
-    "sample_scene",
     "shard_dataset",
     "shard_loader",
     "skipped",
     "tensor_to_pil",
     "text_fingerprint",
     "tokenize_one",
-    "write_shapes_shards",
     "write_shards",
 ]
+
+
+# The embedded shapes world moved to its own package; a name of it looked up here says where it went.
+_MOVED = ("BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "Obj", "Scene", "ShapesDataModule",
+          "ShapesWorld", "sample_scene", "write_shapes_shards")
+
+
+def __getattr__(name: str):
+    if name == "shapes":
+        raise AttributeError("galip.data.shapes moved to the embedded world's package: galip.world.scenes")
+    if name in _MOVED:
+        raise AttributeError(f"galip.data.{name} moved to the embedded world's package: galip.world.scenes.{name}")
+    raise AttributeError(f"module 'galip.data' has no attribute {name!r}")

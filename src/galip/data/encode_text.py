@@ -14,14 +14,12 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 import lightning as L
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-import galip
+from galip.config import compose
 from galip.data.paper_layout import missing_data_cause
 from galip.data.webdataset import quote_shard_patterns
 
@@ -30,14 +28,7 @@ log = logging.getLogger("galip.encode_text")
 
 def compose_train_config(overrides: list[str]) -> DictConfig:
     """The training config for these overrides, composed as the entry point composes it."""
-    from galip.train import normalize_slot_overrides
-    from galip.world import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(str(Path(galip.__file__).parent / "conf"), version_base="1.3"):
-        return compose(
-            config_name="train", overrides=quote_shard_patterns(normalize_slot_overrides(overrides))
-        )
+    return compose("train", quote_shard_patterns(overrides))
 
 
 def encode(cfg: DictConfig, batch_size: int = 256, device: str = "cpu") -> list:

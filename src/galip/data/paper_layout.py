@@ -1,4 +1,4 @@
-"""CUB-200-2011 and COCO-2014 in the folder layout of the official code (reference §3).
+"""CUB-200-2011 and COCO-2014 in the folder layout of the official code (docs/official_code.md#data-layout).
 
 ::
 

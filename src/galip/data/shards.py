@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import re
+import tarfile
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from galip.data.batch import Tokenizer, collate, pil_to_tensor, tensor_to_pil, tokenize_one
+from galip.data.sentences import encode_captions, sent_member, text_fingerprint
 from galip.data.transforms import bbox_crop, choose_caption, paper_transform, split_captions
 
 log = logging.getLogger(__name__)
@@ -355,3 +357,67 @@ def shard_loader(dataset: wds.WebDataset, batch_size: int, num_workers: int, dro
         drop_last=drop_last,
         persistent_workers=num_workers > 0,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sentence-vector cache inside shards (python -m galip.data.encode_text)
+# ---------------------------------------------------------------------------------------------------------
+def add_sentence_vectors(shard: Path, clip, batch_size: int = 256) -> Path:
+    """Rewrite `shard` with a ``{key}.sent-<fingerprint>.npy`` member after each sample's own members.
+
+    One float32 row per caption line of ``{key}.txt``. Written to a temporary file and renamed, so an
+    interrupted run leaves the original shard intact.
+    """
+    member = sent_member(text_fingerprint(clip))
+    samples = _read_samples(shard)
+    captions = [split_captions(s["txt"].decode("utf-8")) if "txt" in s else [] for _, s in samples]
+    vectors = encode_captions(clip, [c for per in captions for c in per], batch_size).numpy()
+    tmp = shard.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        row = 0
+        for (key, members), caps in zip(samples, captions, strict=True):
+            members.pop(member, None)  # re-encoding with the same CLIP replaces the old vectors
+            if caps:
+                members[member] = _npy(vectors[row : row + len(caps)])
+                row += len(caps)
+            for ext, data in members.items():
+                _add(tar, f"{key}.{ext}", data)
+    tmp.replace(shard)
+    _note_in_manifest(shard.parent, member, vectors.shape[-1])
+    return shard
+
+
+def _read_samples(shard: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """Members grouped into samples by key (the part before the first dot of the name), in tar order."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(shard) as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            directory, _, base = info.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            key = f"{directory}/{stem}" if directory else stem
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][ext] = tar.extractfile(info).read()
+    return samples
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o444
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _note_in_manifest(directory: Path, member: str, dim: int) -> None:
+    path = directory / MANIFEST
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        manifest.setdefault("sentence_vectors", {})[member] = {"dim": int(dim)}
+        path.write_text(json.dumps(manifest, indent=2, sort_keys=True))

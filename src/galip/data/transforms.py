@@ -1,4 +1,4 @@
-"""The paper's per-sample processing (reference §3.2), shared by the folder layout and the shard reader.
+"""The paper's per-sample processing (docs/official_code.md#per-sample-processing), shared by the folder layout and the shard reader.
 
 Image: (CUB: bounding-box crop) -> shorter side to ``size * 76 / 64`` (bilinear) -> random ``size`` crop ->
 horizontal flip with p = 0.5 -> [-1, 1]. Evaluation takes the centre crop without a flip (the official code

@@ -22,7 +22,13 @@ from galip.data.batch import Tokenizer
 from galip.data.paper_layout import DatasetMissing
 from galip.data.resume import ResumableData
 from galip.data.sentences import sent_member, training_clip_fingerprint
-from galip.data.shards import SkipCounter, check_worker_count, shard_dataset, shard_loader
+from galip.data.shards import (
+    SkipCounter,
+    add_sentence_vectors,
+    check_worker_count,
+    shard_dataset,
+    shard_loader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +181,6 @@ class WebDataModule(ResumableData, L.LightningDataModule):
 
     def encode_sentences(self, clip, batch_size: int = 256) -> list[Path]:
         """Add this CLIP's sentence vectors to every local shard (rewritten in place); returns the shards."""
-        from galip.data.make_shards import add_sentence_vectors
-
         urls = self.urls + self.val_urls
         remote = [u for u in urls if is_remote(u)]
         if remote:

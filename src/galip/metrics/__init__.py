@@ -1,31 +1,17 @@
-"""Metrics. `judge`: an independent classifier for the embedded shapes world (attribute accuracy, judge-FD)."""
+"""The paper's metrics: FID (torchmetrics, any feature extractor) and CLIPSIM, the protocol that runs them,
+and FID reference statistics."""
 
-from galip.metrics.judge import (
-    ATTRIBUTES,
-    VOCAB,
-    Judge,
-    JudgeFD,
-    JudgeFeatures,
-    attribute_accuracy,
-    evaluate_generator,
-    evaluate_judge,
-    judge_loss,
-    load_judge,
-    save_judge,
-    train_judge,
-)
+from galip.metrics.clipsim import CLIPSimilarity
+from galip.metrics.fid import FrechetDistance, make_fid
+from galip.metrics.protocol import Evaluator, FIDEvaluator, Subject, run_evaluators, score_generator
 
 __all__ = [
-    "ATTRIBUTES",
-    "VOCAB",
-    "Judge",
-    "JudgeFD",
-    "JudgeFeatures",
-    "attribute_accuracy",
-    "evaluate_generator",
-    "evaluate_judge",
-    "judge_loss",
-    "load_judge",
-    "save_judge",
-    "train_judge",
+    "CLIPSimilarity",
+    "Evaluator",
+    "FIDEvaluator",
+    "FrechetDistance",
+    "Subject",
+    "make_fid",
+    "run_evaluators",
+    "score_generator",
 ]

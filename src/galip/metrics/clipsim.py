@@ -1,5 +1,5 @@
 """CLIPSIM as the paper reports it: the mean cosine between CLIP's embedding of a generated image and CLIP's
-embedding of the caption that conditioned it (reference §4: ViT-B/32, raw cosine, no ×2.5 and no max(·, 0);
+embedding of the caption that conditioned it (docs/official_code.md#evaluation: ViT-B/32, raw cosine, no ×2.5 and no max(·, 0);
 printed ×100 by the official test script).
 
 Caveat worth stating next to every number: GALIP's generator loss maximises this very cosine under the same

@@ -1,13 +1,16 @@
 """FID through torchmetrics' `FrechetInceptionDistance` (the Fréchet maths is the library's, not ours).
 
-Three feature extractors, all fed the same 8-bit images (see `to_uint8`):
+Two named feature extractors, both fed the same 8-bit images (see `to_uint8`):
 
 * ``inception`` — torch-fidelity's Inception-v3 with the TF-FID weights (``pt_inception-2015-12-05``), TF1-style
   bilinear resize to 299 px: the standard FID of pytorch-fid / torch-fidelity / most GAN papers.
 * ``dfgan_inception`` — torchvision's ImageNet Inception-v3 with the input path of the official GALIP / DF-GAN
-  code (reference §4): the only extractor whose numbers are comparable with the DF-GAN family's
+  code (docs/official_code.md#evaluation): the only extractor whose numbers are comparable with the DF-GAN family's
   ``*_FIDK0.npz`` reference statistics and with the paper's tables.
-* ``judge`` — the embedded world's judge (judge-FD), for runs on the shapes world.
+
+Any other network that maps uint8 images [B, 3, H, W] to features [B, F] and has ``num_features`` works too,
+under a name of its own: ``make_fid("judge", features=network)`` (the embedded world's judge-FD is built this
+way; in configs ``metrics.fid.extractor=<name>`` with ``metrics.fid.features`` a ``_target_`` building it).
 
 Weights are never downloaded silently: a missing file stops at once with one line saying what is missing and
 how to get it (``metrics.inception_weights=PATH`` or ``metrics.download=true`` on a machine with internet).
@@ -24,8 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
-
-from galip.metrics.judge import Judge, JudgeFeatures
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,7 +54,7 @@ WEIGHTS = {
         "inception_v3_google-0cc3c7bd.pth",
     ),
 }
-EXTRACTORS = ("inception", "dfgan_inception", "judge")
+EXTRACTORS = ("inception", "dfgan_inception")
 
 
 class InceptionWeightsMissing(FileNotFoundError):
@@ -94,7 +95,7 @@ def resolve_weights(extractor: str, path: str | os.PathLike | None = None, downl
 class DFGANInception(nn.Module):
     """torchvision's ImageNet Inception-v3 cut at the 2048-d pool, with the official code's input path.
 
-    Reference §4: [-1, 1] -> [0, 1] -> bilinear resize to 299 -> torchvision's ``transform_input`` affine applied
+    docs/official_code.md#fid: [-1, 1] -> [0, 1] -> bilinear resize to 299 -> torchvision's ``transform_input`` affine applied
     to the [0, 1] data (not to ImageNet-normalised data: a quirk, kept because it defines the DF-GAN statistics).
     """
 
@@ -140,18 +141,6 @@ def _state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
         raise ValueError(f"{path} is not a readable Inception-v3 state dict: {err}") from err
-
-
-class UInt8Judge(nn.Module):
-    """The judge's features for uint8 images (it was trained on [-1, 1] floats)."""
-
-    def __init__(self, judge: Judge):
-        super().__init__()
-        self.features = JudgeFeatures(judge)
-        self.num_features = self.features.num_features
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.features(images.float() / 127.5 - 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +214,11 @@ def make_fid(
     extractor: str = "inception",
     weights: str | os.PathLike | None = None,
     download: bool = False,
-    judge: Judge | None = None,
     antialias: bool = False,
+    features: nn.Module | None = None,
 ) -> FrechetDistance:
-    """The FID metric of the documented protocol for ``extractor`` (see the module docstring).
+    """The FID metric of the documented protocol for ``extractor`` (see the module docstring): one of
+    `EXTRACTORS`, or any other name for the network ``features``.
 
     ``antialias=False`` keeps torch-fidelity's TF1-compatible bilinear resize for ``inception`` (the standard
     FID); torchmetrics' own default (antialiased) gives slightly different numbers.
@@ -244,8 +234,9 @@ def make_fid(
             raise ValueError(f"{path} is not a TF-FID Inception-v3 state dict: {first}") from err
     if extractor == "dfgan_inception":
         return FrechetDistance(DFGANInception(resolve_weights(extractor, weights, download)), extractor)
-    if extractor == "judge":
-        if judge is None:
-            raise ValueError("metrics.fid.extractor=judge needs the embedded world's judge")
-        return FrechetDistance(UInt8Judge(judge), extractor)
-    raise ValueError(f"metrics.fid.extractor={extractor!r}: expected one of {EXTRACTORS}")
+    if features is not None:
+        return FrechetDistance(features, extractor)
+    raise ValueError(
+        f"metrics.fid.extractor={extractor!r} is none of {EXTRACTORS}: give its feature network as "
+        f"metrics.fid.features (a _target_ building a module with num_features)"
+    )

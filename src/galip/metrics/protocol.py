@@ -1,6 +1,10 @@
 """The evaluation protocol: which captions condition which images, how many, and what the metrics see.
 
-One protocol for the ``galip.evaluate`` command and the periodic evaluation callback (docs/evaluation.md):
+One protocol for the ``galip.evaluate`` command and the periodic evaluation callback (docs/evaluation.md), and
+one interface for what they run: an *evaluator* is a callable ``(Subject) -> {name: value}``. `FIDEvaluator`
+(FID and CLIPSIM on a data split) is the framework's; the embedded world brings its judge as another.
+
+The protocol of `FIDEvaluator`:
 
 * captions come from a data split's loader (``{image, caption, tokens}`` batches), in loader order; the loader
   is read again from the start until ``n`` images are generated (the official code's repeated passes:
@@ -13,13 +17,16 @@ One protocol for the ``galip.evaluate`` command and the periodic evaluation call
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
+from galip.clip import FrozenCLIP
 from galip.metrics.clipsim import CLIPSimilarity
-from galip.metrics.fid import FrechetDistance
+from galip.metrics.fid import EXTRACTORS, FrechetDistance, make_fid, resolve_weights
+from galip.metrics.reference import load_reference, seed_fid
 
 GenerateFn = Callable[[Sequence[str], torch.Tensor], torch.Tensor]  # (captions, noise [B, nz]) -> [-1, 1]
 
@@ -96,3 +103,115 @@ def _results(fid: FrechetDistance | None, clipsim: CLIPSimilarity | None) -> dic
     if clipsim is not None:
         out.update({"clipsim": float(clipsim.compute()), "clipsim/n": float(clipsim.n)})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluators
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Subject:
+    """What an evaluator scores: a generator as a function, and what it runs with.
+
+    ``generate``: (captions, noise [B, nz]) -> images in [-1, 1] (G in eval mode, EMA weights when there are
+    some); ``clip``: the generator's own frozen CLIP; ``data``: a datamodule whose val/test loaders give the
+    captions and real images of a split (None where an evaluator brings its own).
+    """
+
+    generate: GenerateFn
+    nz: int
+    device: torch.device
+    clip: FrozenCLIP | None = None
+    data: Any = None
+
+
+class Evaluator(Protocol):
+    def __call__(self, subject: Subject) -> dict[str, float]: ...
+
+
+def run_evaluators(evaluators: Mapping[str, Evaluator] | Sequence[Evaluator] | Evaluator, subject: Subject):
+    """The union of several evaluators' numbers (a dict of them, as Hydra builds it, a list, or one)."""
+    if callable(evaluators):
+        evaluators = [evaluators]
+    elif isinstance(evaluators, Mapping):
+        evaluators = [e for e in evaluators.values() if e is not None]
+    out: dict[str, float] = {}
+    for evaluator in evaluators:
+        out.update(evaluator(subject))
+    return out
+
+
+class FIDEvaluator:
+    """FID and/or CLIPSIM of ``n_samples`` images for a data split's captions, by the protocol above.
+
+    The real statistics are computed once (first call) or come from ``reference`` (a .npz). Missing Inception
+    weights fail when the evaluator is built, not hours into training.
+
+    Args:
+        n_samples: generated images per evaluation (FID is biased upwards at small N: compare runs at the same N).
+        fid: False skips FID (CLIPSIM only).
+        extractor, inception_weights, download, reference, reference_extractor, antialias: the FID network and
+            its real side (docs/evaluation.md; `galip.metrics.fid.make_fid`, `galip.metrics.reference`).
+        features: the feature network of an ``extractor`` that is not a named Inception (e.g. the embedded
+            world's judge); ignored for the named ones.
+        clipsim: ``"model"`` scores with the generator's own CLIP, ``None`` skips CLIPSIM, or a `FrozenCLIP`.
+        split: ``val`` or ``test`` (the subject's datamodule gives its loader).
+    """
+
+    def __init__(
+        self,
+        n_samples: int = 2048,
+        batch_size: int = 64,
+        fid: bool = True,
+        extractor: str = "inception",
+        inception_weights: str | None = None,
+        download: bool = False,
+        reference: str | None = None,
+        reference_extractor: str | None = None,
+        antialias: bool = False,
+        features: torch.nn.Module | None = None,
+        clipsim: str | FrozenCLIP | None = "model",
+        split: str = "val",
+        seed: int = 0,
+    ):
+        if split not in ("val", "test"):
+            raise ValueError(f"split={split!r}: expected 'val' or 'test'")
+        self.n_samples, self.batch_size, self.split, self.seed = n_samples, batch_size, split, seed
+        self.extractor, self.antialias, self.with_fid = extractor, antialias, fid
+        named = extractor in EXTRACTORS
+        self.features = None if named else features
+        self.weights = resolve_weights(extractor, inception_weights, download) if fid and named else None
+        self.reference = load_reference(reference, reference_extractor) if fid and reference else None
+        self.clipsim_choice = clipsim
+        self._fid: FrechetDistance | None = None
+        self._clipsim: CLIPSimilarity | None = None
+
+    def fid(self, device: torch.device) -> FrechetDistance | None:
+        if not self.with_fid:
+            return None
+        if self._fid is None:
+            self._fid = make_fid(self.extractor, self.weights, antialias=self.antialias, features=self.features)
+            if self.reference is not None:
+                seed_fid(self._fid, self.reference)
+        return self._fid.to(device)
+
+    def clipsim(self, subject: Subject) -> CLIPSimilarity | None:
+        if self._clipsim is None and self.clipsim_choice is not None:
+            clip = subject.clip if self.clipsim_choice == "model" else self.clipsim_choice
+            self._clipsim = CLIPSimilarity(clip)
+        return None if self._clipsim is None else self._clipsim.to(subject.device)
+
+    def loader(self, data: Any):
+        if data is None:
+            raise ValueError("FID/CLIPSIM need a datamodule for the captions (and real images) of a split")
+        return data.val_dataloader() if self.split == "val" else data.test_dataloader()
+
+    def __call__(self, subject: Subject) -> dict[str, float]:
+        return score_generator(
+            subject.generate,
+            self.loader(subject.data),
+            self.n_samples,
+            subject.nz,
+            self.fid(subject.device),
+            self.clipsim(subject),
+            self.seed,
+        )

@@ -1,144 +1,24 @@
-"""FID reference statistics: ``mu``/``sigma`` of a real image set in ``.npz`` files, with a JSON manifest.
-
-``python -m galip.metrics.reference_stats data=coco split=test out=coco_test_inception.npz`` writes
-``coco_test_inception.npz`` (``mu``, ``sigma``, ``n``) and ``coco_test_inception.json`` (what was measured:
-extractor, weights file, data, split, N, pre-processing). ``show=FILE.npz`` prints what a file holds.
-
-The DF-GAN family's ``*_FIDK0.npz`` files (keys ``mu``, ``sigma``, no manifest; reference §4) are read too. They
-were made with torchvision's ImageNet Inception and the official input path, so they only pair with
-``metrics.fid.extractor=dfgan_inception``; mixing statistics of two extractors is refused (docs/evaluation.md).
+"""FID reference statistics of a data split: ``python -m galip.metrics.reference_stats data=coco split=test
+out=coco_test_inception.npz`` writes ``coco_test_inception.npz`` (``mu``, ``sigma``, ``n``) and its manifest
+``coco_test_inception.json``; ``show=FILE.npz`` prints what a file holds (ours or a DF-GAN ``*_FIDK0.npz``).
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-import torch
+import hydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from open_clip import SimpleTokenizer
 
-FORMAT = "galip-fid-reference/1"
-DFGAN_EXTRACTOR = "dfgan_inception"
-
-
-@dataclass
-class ReferenceStats:
-    """Gaussian statistics of a real image set in some feature space, and how they were made."""
-
-    mu: np.ndarray
-    sigma: np.ndarray
-    n: int | None = None  # None: the file does not say (DF-GAN family)
-    manifest: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def extractor(self) -> str:
-        return self.manifest.get("extractor", "unknown")
-
-    def describe(self) -> str:
-        n = "N unknown" if self.n is None else f"N={self.n}"
-        where = self.manifest.get("data", {})
-        data = (
-            f"{where.get('name', '?')}/{where.get('split', '?')}"
-            if where
-            else self.manifest.get("source", "?")
-        )
-        return f"{self.manifest.get('path', '?')} ({data}, {n} real images, extractor {self.extractor})"
+from galip import __version__
+from galip.config import data_name, fid_features, register_resolvers
+from galip.metrics.fid import make_fid
+from galip.metrics.reference import compute_reference, load_reference, manifest_path, save_reference
 
 
-def manifest_path(npz: str | Path) -> Path:
-    return Path(npz).with_suffix(".json")
-
-
-def save_reference(path: str | Path, stats: ReferenceStats) -> Path:
-    """Write ``path`` (.npz: mu, sigma, n) and its manifest ``path.with_suffix('.json')``."""
-    path = Path(path)
-    if path.suffix != ".npz":
-        raise ValueError(f"reference statistics go to a .npz file, got {path}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, mu=stats.mu, sigma=stats.sigma, n=np.int64(-1 if stats.n is None else stats.n))
-    tmp.replace(path)  # atomic: a half-written file never carries the final name
-    manifest = {"format": FORMAT, **stats.manifest, "n": stats.n, "feature_dim": int(stats.mu.shape[0])}
-    manifest_path(path).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    return path
-
-
-def load_reference(path: str | Path, extractor: str | None = None) -> ReferenceStats:
-    """Read our files or a DF-GAN family ``*_FIDK0.npz``; ``extractor`` declares it for a file without manifest."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"FID reference statistics {path} do not exist (make them with "
-            f"`python -m galip.metrics.reference_stats data=… out={path.name}`)"
-        )
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-            n = int(f["n"]) if "n" in f.files and int(f["n"]) >= 0 else None
-    except (KeyError, ValueError, OSError) as err:
-        raise ValueError(f"{path} is not an FID statistics file with 'mu' and 'sigma': {err}") from err
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a D-vector and a D×D matrix")
-    manifest = _read_manifest(path, extractor)
-    return ReferenceStats(mu, sigma, n, {**manifest, "path": str(path)})
-
-
-def _read_manifest(path: Path, extractor: str | None) -> dict[str, Any]:
-    if manifest_path(path).is_file():
-        manifest = json.loads(manifest_path(path).read_text())
-    elif path.stem.endswith("_FIDK0"):
-        manifest = {"source": "DF-GAN family metadata", "extractor": DFGAN_EXTRACTOR}
-    else:
-        manifest = {"source": "no manifest"}
-    if extractor is not None:
-        manifest["extractor"] = extractor
-    return manifest
-
-
-def check_compatible(stats: ReferenceStats, extractor: str) -> None:
-    """Refuse to compare features of two different networks (the number would mean nothing)."""
-    if stats.extractor != extractor:
-        raise ValueError(
-            f"reference {stats.manifest.get('path')} holds {stats.extractor} statistics but this FID uses "
-            f"{extractor}: set metrics.fid.extractor={stats.extractor} (or metrics.fid.reference_extractor=… "
-            f"for a file without manifest)"
-        )
-
-
-def seed_fid(fid, stats: ReferenceStats) -> None:
-    """Give a `FrechetDistance` these statistics as its real side (after `check_compatible`)."""
-    check_compatible(stats, fid.extractor)
-    fid.set_real_statistics(torch.from_numpy(stats.mu), torch.from_numpy(stats.sigma), stats.n)
-
-
-@torch.no_grad()
-def compute_reference(fid, loader, n: int | None, manifest: dict[str, Any]) -> ReferenceStats:
-    """Statistics of the first ``n`` images of ``loader`` (all of them when ``n`` is None), one pass."""
-    for batch in loader:
-        images = batch["image"]
-        if n is not None:
-            images = images[: n - fid.n_real]
-        if len(images):
-            fid.update(images.to(fid.device), real=True)
-        if n is not None and fid.n_real >= n:
-            break
-    mu, sigma, count = fid.real_statistics()
-    stats_manifest = {
-        **manifest,
-        "extractor": fid.extractor,
-        "images": "loader output in [-1, 1] quantised to uint8 (as a PNG holds it)",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    return ReferenceStats(mu.cpu().numpy(), sigma.cpu().numpy(), count, stats_manifest)
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
 def show(path: str | Path) -> str:
     stats = load_reference(path)
     lines = [stats.describe(), f"  mu {stats.mu.shape}, sigma {stats.sigma.shape}"]
@@ -146,15 +26,16 @@ def show(path: str | Path) -> str:
     return "\n".join(lines)
 
 
-def make_reference(cfg) -> Path:
+def make_reference(cfg: DictConfig) -> Path:
     """Build the FID metric and the data split of ``cfg`` and write the statistics file."""
-    from hydra.utils import instantiate
-    from open_clip import SimpleTokenizer
-
-    from galip import __version__
-    from galip.evaluate import build_fid, data_name
-
-    fid = build_fid(cfg.metrics, cfg.device)
+    metrics = cfg.metrics
+    fid = make_fid(
+        metrics.fid.extractor,
+        metrics.get("inception_weights"),
+        bool(metrics.get("download", False)),
+        antialias=bool(metrics.fid.get("antialias", False)),
+        features=fid_features(metrics),
+    ).to(cfg.device)
     datamodule = instantiate(cfg.data, tokenizer=SimpleTokenizer())
     datamodule.setup("validate" if cfg.split == "val" else "test")
     loader = datamodule.val_dataloader() if cfg.split == "val" else datamodule.test_dataloader()
@@ -165,7 +46,7 @@ def make_reference(cfg) -> Path:
             "split": cfg.split,
             "image_size": cfg.data.get("image_size"),
         },
-        "weights": cfg.metrics.get("inception_weights"),
+        "weights": metrics.get("inception_weights"),
         "galip_version": __version__,
     }
     stats = compute_reference(fid, loader, cfg.n, manifest)
@@ -177,7 +58,8 @@ def make_reference(cfg) -> Path:
     return out
 
 
-def main_cli(cfg) -> None:
+@hydra.main(version_base="1.3", config_path="../conf", config_name="reference_stats")
+def main(cfg: DictConfig) -> None:
     try:
         if cfg.get("show"):
             print(show(cfg.show))
@@ -191,9 +73,5 @@ def main_cli(cfg) -> None:
 
 
 if __name__ == "__main__":
-    import hydra
-
-    from galip.world import register_resolvers
-
     register_resolvers()
-    hydra.main(version_base="1.3", config_path="../conf", config_name="reference_stats")(main_cli)()
+    main()

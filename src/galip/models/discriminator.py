@@ -1,4 +1,4 @@
-"""The CLIP-based discriminator (paper §3.2; reference §1.6–1.7).
+"""The CLIP-based discriminator (paper §3.2; docs/official_code.md#discriminator-netd-and-netc).
 
 D(x, s) = QualityAssessor(CLIPFeatureExtractor(CLIP taps of x), s). The frozen CLIP taps are computed
 outside (``FrozenCLIP.image_taps``) so the training step can reuse them and choose where gradients flow.

@@ -1,4 +1,4 @@
-"""The CLIP-empowered generator (paper §3.3; reference §1.4).
+"""The CLIP-empowered generator (paper §3.3; docs/official_code.md#generator-netg).
 
 cond = [z; s]
 bridge = BridgeFeaturePredictor(z, cond)                        # [B, width, grid, grid]

@@ -1,4 +1,4 @@
-"""Building blocks shared by the generator and the discriminator (reference §1.5).
+"""Building blocks shared by the generator and the discriminator (docs/official_code.md#building-blocks).
 
 Text conditioning is DF-GAN's deep fusion: every ``Affine`` predicts a per-channel scale and shift
 from the condition vector ``[z; s]``.

@@ -1,0 +1,114 @@
+"""Load anything the project writes: a generator export, a training checkpoint, or a run directory.
+
+    load_generator(path)   # G (the EMA weights when the run kept them), frozen, in eval mode
+    load_module(path)      # the whole GALIPModule (G, EMA, D) of a .ckpt or run directory
+
+``path`` is a ``generator.safetensors`` export (`galip.checkpoints`), a Lightning ``.ckpt`` (rebuilt with its
+run's config, ``<run>/.hydra/config.yaml`` or ``run_config=``), or a run directory (its export when it has one,
+else ``checkpoints/last.ckpt``). `build_module` is how training builds the module from a config, so a
+checkpoint is rebuilt exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from galip.checkpoints import build_generator
+from galip.clip import FrozenCLIP
+from galip.config import register_resolvers
+from galip.models import Generator
+from galip.module import GALIPModule
+
+EXPORT = "generator.safetensors"
+LAST = Path("checkpoints") / "last.ckpt"
+
+
+def build_module(cfg: DictConfig, clip: FrozenCLIP) -> GALIPModule:
+    """Generator and discriminator around the shared frozen CLIP, with their optimizers and loss weights."""
+    taps, d_input = list(cfg.model.tap_blocks), cfg.model.get("d_input", "clip")
+    generator = instantiate(cfg.model.generator)(clip=clip)
+    discriminator = instantiate(cfg.model.discriminator)(**discriminator_shape(d_input, clip, len(taps)))
+    return GALIPModule(
+        clip,
+        generator,
+        discriminator,
+        tap_blocks=taps,
+        optimizer_g=instantiate(cfg.optim.generator),
+        optimizer_d=instantiate(cfg.optim.discriminator),
+        grad_clip=cfg.model.get("grad_clip"),
+        ema_half_life_kimg=cfg.model.get("ema_half_life_kimg"),
+        nonfinite=cfg.model.get("nonfinite", "stop"),
+        d_input=d_input,
+        channels_last=cfg.model.get("channels_last", False),
+        augment_translation=cfg.model.get("augment_translation", 0.0),
+        hard_negatives=instantiate(cfg.model.get("hard_negatives")),
+        **cfg.model.loss,
+    )
+
+
+def discriminator_shape(d_input: str, clip: FrozenCLIP, n_taps: int) -> dict[str, int]:
+    """What D is built around: the stacked CLIP taps, or (``d_input=pixels``, the baseline) the images."""
+    geo = clip.geometry
+    if d_input == "pixels":
+        return {"image_size": geo.image_size, "embed_dim": geo.embed_dim}
+    return {"width": geo.width, "grid": geo.grid, "embed_dim": geo.embed_dim, "n_taps": n_taps}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def load_generator(path: str | Path, run_config: str | Path | None = None, **clip_overrides) -> Generator:
+    """G of any file the project writes (see the module docstring), frozen and in eval mode."""
+    path = _existing(path)
+    if path.is_dir():
+        path = path / EXPORT if (path / EXPORT).is_file() else _checkpoint(path)
+    if path.suffix == ".safetensors":
+        return build_generator(path, **clip_overrides)
+    if path.suffix == ".ckpt":
+        return load_module(path, run_config).sampling_generator
+    raise ValueError(
+        f"{path}: expected a generator export (.safetensors), a Lightning checkpoint (.ckpt) or a run directory"
+    )
+
+
+def load_module(path: str | Path, run_config: str | Path | None = None) -> GALIPModule:
+    """The GALIPModule of a training checkpoint or run directory (everything but the frozen CLIP is in the
+    file; the CLIP is rebuilt from the run's config), in eval mode and frozen."""
+    path = _existing(path)
+    if path.is_dir():
+        path = _checkpoint(path)
+    config_file = Path(run_config) if run_config else path.resolve().parent.parent / ".hydra" / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"no run config at {config_file} to rebuild the model of {path}: pass run_config=<run>/.hydra/config.yaml"
+        )
+    register_resolvers()  # the run's config may compute values (${galip.call:…})
+    cfg = OmegaConf.load(config_file)
+    module = build_module(cfg, instantiate(cfg.clip))
+    state = torch.load(str(path), map_location="cpu", weights_only=False)["state_dict"]  # our own run's file
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("clip.")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(
+            f"{path} does not match its run config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    return module.eval().requires_grad_(False)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no such file or directory (a generator.safetensors export, a Lightning .ckpt or a run directory)"
+        )
+    return path
+
+
+def _checkpoint(run: Path) -> Path:
+    if not (run / LAST).is_file():
+        raise FileNotFoundError(f"{run / LAST} not found: is {run} a training run directory?")
+    return run / LAST
