@@ -94,7 +94,7 @@ def test_the_demo_on_a_32_px_clip_draws_64_px_and_trains(compose, stub_world_art
 def test_the_robust_clip_option_asks_for_the_adversarially_pretrained_clip(compose, monkeypatch):
     """clip=shapes_robust resolves through the shapes-CLIP cache with the adversarial pretraining override
     (pretraining is stubbed: the artefact is not shipped)."""
-    import galip.world.pretrain_clip as pc
+    import galip.world.tiny_clip as pc
     from galip.config import register_resolvers
 
     asked = []

@@ -11,9 +11,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from galip.clip import config_depth
+from galip.metrics.fid import EXTRACTORS
 
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
@@ -133,9 +135,5 @@ def data_name(cfg: DictConfig) -> str:
 def fid_features(metrics: DictConfig):
     """The network of a custom FID extractor (``metrics.fid.features``, a ``_target_``), built only when
     ``metrics.fid.extractor`` names no built-in one (see `galip.metrics.fid.make_fid`)."""
-    from hydra.utils import instantiate
-
-    from galip.metrics.fid import EXTRACTORS
-
     node = metrics.fid.get("features")
     return instantiate(node) if node is not None and metrics.fid.extractor not in EXTRACTORS else None

@@ -291,7 +291,7 @@ TINY = {"steps": 3, "n_train": 64, "n_val": 16, "batch_size": 16}
 
 
 def test_ensure_judge_trains_once_then_reuses(tmp_path, monkeypatch, capsys):
-    from galip.world.train_judge import ensure_judge
+    from galip.world.artefacts import ensure_judge
 
     monkeypatch.setenv("GALIP_CACHE", str(tmp_path))
     path = ensure_judge(TINY)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-import galip.world.pretrain_clip as pc
+import galip.world.tiny_clip as pc
 from galip.clip import load_clip
 from galip.data import Tokenized, collate
 from galip.world.cache import SHIPPED_ROOT
@@ -464,7 +464,7 @@ def test_patch_visibility_splits_a_swaps_pixel_change_by_the_first_layers_row_sp
 def test_probe_cli_builds_a_checkpoint_with_the_architecture_written_beside_it(tmp_path):
     import copy
 
-    from galip.world.probe import load_shapes_clip
+    from galip.world.artefacts import load_shapes_clip
 
     cfg = copy.deepcopy(TINY_CLIP_CFG)
     cfg["vision_cfg"]["patch_size"] = 4

@@ -123,7 +123,7 @@ def test_max_objects_draws_the_simpler_part_of_the_world():
 def test_shard_keys_name_max_objects_only_below_the_whole_world(tmp_path, monkeypatch):
     written = []
     monkeypatch.setattr(artefacts, "artefact_dir", lambda kind, config: written.append(config) or tmp_path)
-    monkeypatch.setattr("galip.world.scenes.write_shapes_shards", lambda *a, **k: written.append(k))
+    monkeypatch.setattr(artefacts, "write_shapes_shards", lambda *a, **k: written.append(k))
     monkeypatch.setattr(artefacts, "write_config", lambda *a: None)
     artefacts.ensure_shapes_shards(8, 4, 16, 0)
     artefacts.ensure_shapes_shards(8, 4, 16, 0, max_objects=1)

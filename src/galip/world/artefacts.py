@@ -12,9 +12,19 @@ when they are not cached yet (or shipped in ``galip/world/assets``), then trains
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import yaml
+
+from galip.clip import FrozenCLIP, load_clip
+from galip.config import CONF_DIR
 from galip.world.cache import artefact_dir, write_config
+from galip.world.judge import DEFAULT_TRAIN_CONFIG, JUDGE_FORMAT, save_judge, train_judge
+from galip.world.scenes import write_shapes_shards
+from galip.world.tiny_clip import ensure_shapes_clip
 
 
 def ensure_shapes_shards(
@@ -24,8 +34,6 @@ def ensure_shapes_shards(
 
     ``max_objects`` < 3: scenes of at most that many objects (keyed only then, so the whole world's shard
     sets keep their keys)."""
-    from galip.world.scenes import write_shapes_shards
-
     config = {"n_train": n_train, "n_val": n_val, "image_size": image_size, "seed": seed, "format": 1}
     if max_objects != 3:
         config["max_objects"] = max_objects
@@ -51,8 +59,6 @@ def shapes_shards(n_train, n_val, image_size, seed, max_objects=3) -> str:
 def shapes_clip(patch_size: int | str | None = None, *overrides: str) -> str:
     """The shapes CLIP of ``+experiment=shapes_clip`` (``patch_size``: that experiment with another patch size,
     e.g. 4 for clip=shapes_p4; ``overrides``: further pretraining overrides such as ``optim.steps=600``)."""
-    from galip.world.pretrain_clip import ensure_shapes_clip
-
     extra = [str(o) for o in overrides]
     if patch_size not in (None, ""):
         extra.insert(0, f"clip.model_cfg.vision_cfg.patch_size={int(patch_size)}")
@@ -60,7 +66,64 @@ def shapes_clip(patch_size: int | str | None = None, *overrides: str) -> str:
 
 
 def judge_file() -> str:
-    """The judge of the default training config (`galip.world.train_judge`), trained first if missing."""
-    from galip.world.train_judge import ensure_judge
-
+    """The judge of the default training config, trained first if missing."""
     return str(ensure_judge())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The judge (python -m galip.world.train_judge trains one by hand)
+# ---------------------------------------------------------------------------------------------------------
+JUDGE_FILE = "judge.pt"
+
+
+def judge_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The full training config (defaults + overrides); with the file format it keys the cache."""
+    unknown = set(config or {}) - set(DEFAULT_TRAIN_CONFIG)
+    if unknown:
+        raise KeyError(f"unknown judge config keys {sorted(unknown)}; known: {sorted(DEFAULT_TRAIN_CONFIG)}")
+    return {**DEFAULT_TRAIN_CONFIG, **(config or {}), "format": JUDGE_FORMAT}
+
+
+def cached_judge_path(config: Mapping[str, Any] | None = None) -> Path:
+    return artefact_dir("judge", judge_config(config)) / JUDGE_FILE
+
+
+def build_judge(config: Mapping[str, Any] | None, out: str | Path, log=print) -> dict[str, float]:
+    """Train with ``config`` and write ``out`` (plus config.json and metrics.json beside it)."""
+    cfg = judge_config(config)
+    train_cfg = {k: v for k, v in cfg.items() if k != "format"}
+    judge, metrics = train_judge(train_cfg, log=log)
+    out = save_judge(out, judge, metrics, train_cfg)
+    write_config(out.parent, cfg)
+    (out.parent / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    log(f"judge: wrote {out}")
+    return metrics
+
+
+def ensure_judge(config: Mapping[str, Any] | None = None, log=print) -> Path:
+    """The cached judge for ``config`` (defaults when None), training it first if it is not there yet."""
+    path = cached_judge_path(config)
+    if path.is_file():
+        log(f"judge: cached at {path}, not retraining")
+    else:
+        build_judge(config, path, log=log)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The shapes CLIP as a model
+# ---------------------------------------------------------------------------------------------------------
+
+
+def load_shapes_clip(path: str | None = None) -> FrozenCLIP:
+    """A pretrained shapes CLIP (default: the demo's, shipped or cached). Its architecture is read from the
+    ``config.json`` that `galip.world.tiny_clip` writes beside it, else it is the tiny one (conf/clip/tiny.yaml)."""
+    if path is None:
+        path = shapes_clip()
+    written = Path(path).parent / "config.json"
+    if written.is_file() and "model_cfg" in (config := json.loads(written.read_text())):
+        model_cfg = config["model_cfg"]
+    else:
+        tiny = CONF_DIR / "clip" / "tiny.yaml"
+        model_cfg = yaml.safe_load(tiny.read_text())["model_cfg"]
+    return load_clip(name=None, model_cfg=model_cfg, path=path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from galip.metrics.protocol import Subject
+from galip.world.artefacts import ensure_judge
 from galip.world.judge import Judge, evaluate_generator, load_judge
 from galip.world.scenes import ShapesWorld
 
@@ -40,9 +41,7 @@ class JudgeEvaluator:
     def judge(self) -> Judge:
         if self._judge is None:
             if self.judge_path is None:
-                from galip.world.train_judge import ensure_judge  # trains on first use when nothing is cached
-
-                self.judge_path = ensure_judge()
+                self.judge_path = ensure_judge()  # trains on first use when nothing is cached
             self._judge = load_judge(self.judge_path)
         return self._judge
 

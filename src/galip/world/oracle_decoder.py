@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from galip.world.artefacts import ensure_judge, load_shapes_clip
 from galip.world.judge import evaluate_generator, load_judge
-from galip.world.probe import load_shapes_clip
 from galip.world.scenes import (
     BACKGROUND_NAMES,
     COLOUR_NAMES,
@@ -42,7 +42,6 @@ from galip.world.scenes import (
     SIZE_NAMES,
     ShapesWorld,
 )
-from galip.world.train_judge import ensure_judge
 
 # One place's slots in the one-hot layout: occupied, shape, colour, size.
 PLACE_DIM = 1 + len(SHAPES) + len(COLOUR_NAMES) + len(SIZE_NAMES)

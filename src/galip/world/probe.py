@@ -42,13 +42,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from galip.clip import FrozenCLIP, load_clip
-from galip.config import CONF_DIR
+from galip.clip import FrozenCLIP
 from galip.loading import load_module
 from galip.sampling import Sampler
-from galip.world.artefacts import judge_file, shapes_clip
+from galip.world.artefacts import judge_file, load_shapes_clip
 from galip.world.judge import confusion, load_judge
 from galip.world.scenes import COLOUR_NAMES, POSITION_NAMES, SHAPES, Scene, ShapesWorld, pil_to_tensor
 
@@ -264,20 +262,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     path = argv[0] if argv else None
     n_scenes = int(argv[1]) if len(argv) > 1 else 400
     return _print(path or "shapes CLIP", n_scenes, attribute_probe(load_shapes_clip(path), n_scenes))
-
-
-def load_shapes_clip(path: str | None = None) -> FrozenCLIP:
-    """A pretrained shapes CLIP (default: the demo's, shipped or cached). Its architecture is read from the
-    ``config.json`` that `galip.world.pretrain_clip` writes beside it, else it is the tiny one (conf/clip/tiny.yaml)."""
-    if path is None:
-        path = shapes_clip()
-    written = Path(path).parent / "config.json"
-    if written.is_file() and "model_cfg" in (config := json.loads(written.read_text())):
-        model_cfg = config["model_cfg"]
-    else:
-        tiny = CONF_DIR / "clip" / "tiny.yaml"
-        model_cfg = yaml.safe_load(tiny.read_text())["model_cfg"]
-    return load_clip(name=None, model_cfg=model_cfg, path=path)
 
 
 def probe_generator(export: str | Path, n_scenes: int = 400, seed: int = 0) -> dict[str, float]:

@@ -8,48 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from galip.world.cache import artefact_dir, write_config
-from galip.world.judge import DEFAULT_TRAIN_CONFIG, JUDGE_FORMAT, save_judge, train_judge
-
-JUDGE_FILE = "judge.pt"
-
-
-def judge_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The full training config (defaults + overrides); with the file format it keys the cache."""
-    unknown = set(config or {}) - set(DEFAULT_TRAIN_CONFIG)
-    if unknown:
-        raise KeyError(f"unknown judge config keys {sorted(unknown)}; known: {sorted(DEFAULT_TRAIN_CONFIG)}")
-    return {**DEFAULT_TRAIN_CONFIG, **(config or {}), "format": JUDGE_FORMAT}
-
-
-def cached_judge_path(config: Mapping[str, Any] | None = None) -> Path:
-    return artefact_dir("judge", judge_config(config)) / JUDGE_FILE
-
-
-def build_judge(config: Mapping[str, Any] | None, out: str | Path, log=print) -> dict[str, float]:
-    """Train with ``config`` and write ``out`` (plus config.json and metrics.json beside it)."""
-    cfg = judge_config(config)
-    train_cfg = {k: v for k, v in cfg.items() if k != "format"}
-    judge, metrics = train_judge(train_cfg, log=log)
-    out = save_judge(out, judge, metrics, train_cfg)
-    write_config(out.parent, cfg)
-    (out.parent / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    log(f"judge: wrote {out}")
-    return metrics
-
-
-def ensure_judge(config: Mapping[str, Any] | None = None, log=print) -> Path:
-    """The cached judge for ``config`` (defaults when None), training it first if it is not there yet."""
-    path = cached_judge_path(config)
-    if path.is_file():
-        log(f"judge: cached at {path}, not retraining")
-    else:
-        build_judge(config, path, log=log)
-    return path
+from galip.world.artefacts import build_judge, cached_judge_path
+from galip.world.judge import DEFAULT_TRAIN_CONFIG
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
