@@ -169,10 +169,12 @@ def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DE
     generator = Generator(
         clip,
         **spec["generator"],
-        batched_affines="batched_affines" in levers,
-        fused_fusion="fused_fusion" in levers,
-        folded_upsample="folded_upsample" in levers,
-        rgb_channels_last="small_convs_channels_last" in levers,
+        execution={
+            "batched_affines": "batched_affines" in levers,
+            "fused_fusion": "fused_fusion" in levers,
+            "folded_upsample": "folded_upsample" in levers,
+            "rgb_channels_last": "small_convs_channels_last" in levers,
+        },
     )
     discriminator = Discriminator(
         geo.width,

@@ -235,7 +235,13 @@ def write_run(root: Path, name: str, overrides: list[str], judge: list[dict] | N
     (root / name / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     if judge is not None:
         lines = [
-            json.dumps({"step": 2 * (i + 1), "kimg": 0.5 * (i + 1), "metrics": {f"eval/{k}": v for k, v in m.items()}})
+            json.dumps(
+                {
+                    "step": 2 * (i + 1),
+                    "kimg": 0.5 * (i + 1),
+                    "metrics": {f"eval/{k}": v for k, v in m.items()},
+                }
+            )
             for i, m in enumerate(judge)
         ]
         (root / name / "evaluation.jsonl").write_text("\n".join(lines) + "\n")

@@ -119,5 +119,3 @@ def test_too_many_workers_for_shards_is_a_clear_error():
     check_worker_count(4, 2, world_size=2)
     with pytest.raises(ValueError, match="shards cannot feed"):
         check_worker_count(2, 2, world_size=2)
-
-

@@ -114,5 +114,7 @@ def test_moved_names_say_where_they_went():
 def test_old_resolvers_name_the_new_one():
     register_resolvers(replace=True)
     cfg = OmegaConf.create({"judge": "${galip.judge:}"})
-    with pytest.raises(Exception, match=r"\$\{galip\.judge:…\} is now \$\{galip\.call:galip\.world\.judge_file\}"):
+    with pytest.raises(
+        Exception, match=r"\$\{galip\.judge:…\} is now \$\{galip\.call:galip\.world\.judge_file\}"
+    ):
         OmegaConf.to_container(cfg, resolve=True)

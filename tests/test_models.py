@@ -120,7 +120,7 @@ def test_generator_draws_its_own_size_and_a_smaller_clip_reads_it_with_gradients
 def test_cnn_generator_draws_its_own_size(tiny_clip):
     from galip.models.baseline import cnn_generator
 
-    g = cnn_generator(tiny_clip, ngf=8, image_size=32, code_input="noise")
+    g = cnn_generator(tiny_clip, ngf=8, image_size=32, code_ch=16)  # a GALIP-only key is left behind
     assert g(torch.randn(2, 100), torch.randn(2, 64)).shape == (2, 3, 32, 32)
     assert g.config["image_size"] == 32
 
@@ -181,25 +181,6 @@ def test_bridge_code_reads_noise_only():
         # Fusion affines are identity at init, so at init the bridge ignores the condition entirely.
         torch.testing.assert_close(bridge(z, torch.randn(2, 74)), out)
     assert out.shape == (2, 64, 8, 8)
-
-
-def test_bridge_code_can_read_the_condition():
-    """code_input='condition': fc_code maps [z; s], so the sentence alone moves the code map (and the
-    bridge) even at init, when the fusion blocks still ignore the condition."""
-    torch.manual_seed(0)
-    bridge = BridgeFeaturePredictor(10, 74, 8, 64, 16, 8, 2, code_input="condition")
-    assert (bridge.fc_code.in_features, bridge.fc_code.out_features) == (74, 16 * 64)
-    z, s1, s2 = torch.randn(2, 10), torch.randn(2, 64), torch.randn(2, 64)
-    c1, c2 = torch.cat([z, s1], 1), torch.cat([z, s2], 1)
-    with torch.no_grad():
-        out = bridge(z, c1, c1)
-        assert out.shape == (2, 64, 8, 8)
-        torch.testing.assert_close(bridge(z, c2, c1), out)  # fusion at init: only the code input counts
-        assert not torch.allclose(bridge(z, c1, c2), out)
-    with pytest.raises(ValueError, match="needs cond_vector"):
-        bridge(z, c1)
-    with pytest.raises(ValueError, match="code_input='text'"):
-        BridgeFeaturePredictor(10, 74, 8, 64, code_input="text")
 
 
 def test_prompt_predictor_shape():
@@ -321,42 +302,30 @@ def test_discriminator_at_init_on_vitb32_taps(vitb32_discriminator):
 
 
 # ---------------------------------------------------------------------------------------------
-# Embedding head (model.discriminator.embedding_head, off by default)
+# One execution setting; options of earlier releases
 # ---------------------------------------------------------------------------------------------
+def test_execution_setting_names_and_levers():
+    from galip.models.generator import Execution
+
+    assert Execution.of("fast") == Execution(True, True, True, True)
+    assert Execution.of("official") == Execution(False, False, False, False)
+    assert Execution.of({"fused_fusion": False}) == Execution(fused_fusion=False)
+    with pytest.raises(ValueError, match="'fast', 'official'"):
+        Execution.of("quick")
 
 
-def small_discriminator(embedding_head: bool) -> Discriminator:
-    torch.manual_seed(0)
-    return Discriminator(
-        width=16, grid=4, embed_dim=8, n_taps=2, out_ch=12, hidden=6, embedding_head=embedding_head
-    )
+def test_generator_applies_its_execution_to_every_block(tiny_clip):
+    g = Generator(tiny_clip, ngf=8, prompt_blocks=[1], execution={"folded_upsample": False})
+    assert all(m.fused for m in g.modules() if isinstance(m, DFBlock))
+    assert not any(m.folded for m in g.modules() if isinstance(m, GBlock))
+    assert "execution" not in g.config
 
 
-def test_embedding_head_starts_as_galips_d_and_needs_the_embedding():
-    plain, headed = small_discriminator(False), small_discriminator(True)
-    assert not plain.reads_embedding and headed.reads_embedding
-    taps, s, e = torch.randn(3, 2, 16, 4, 4), torch.randn(3, 8), torch.randn(3, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(headed(taps, s, e), plain(taps, s))  # same init, last head layer at 0
-    with pytest.raises(ValueError, match="embedding_head"):
-        headed(taps, s)
-
-
-def test_embedding_head_logit_by_hand_and_its_gradients():
-    d = small_discriminator(True)
-    head = d.embedding_head
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in head.parameters():
-            p.copy_(torch.randn_like(p))
-    taps, s, e = torch.randn(3, 2, 16, 4, 4), torch.randn(3, 8), torch.randn(3, 8)
-    e_hat, s_hat = e / e.norm(dim=1, keepdim=True), s / s.norm(dim=1, keepdim=True)
-    lin1, lin2 = head.net[0], head.net[2]
-    h = torch.nn.functional.leaky_relu(e_hat @ lin1.weight.T + lin1.bias, 0.2) @ lin2.weight.T + lin2.bias
-    expected = (h * s_hat).sum(1) + h @ head.unconditional.weight[0]
-    with torch.no_grad():
-        torch.testing.assert_close(d(taps, s, e) - d.assessor(d.features(taps), s), expected)
-    e.requires_grad_(True)
-    d(taps, s, e).sum().backward()
-    assert e.grad is not None and e.grad.abs().sum() > 0
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
+def test_removed_generator_options_say_what_replaced_them(tiny_clip):
+    with pytest.raises(TypeError, match=r"execution: 'fast' \| 'official'"):
+        Generator(tiny_clip, ngf=8, prompt_blocks=[1], batched_affines=False)
+    with pytest.raises(TypeError, match="code_input='condition' was removed"):
+        Generator(tiny_clip, ngf=8, prompt_blocks=[1], code_input="condition")
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        Generator(tiny_clip, ngf=8, prompt_blocks=[1], colour="red")
+    Generator(tiny_clip, ngf=8, prompt_blocks=[1], code_input="noise")  # exports of earlier releases say so

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import warnings
 from dataclasses import dataclass, field
 
@@ -11,8 +10,7 @@ import pytest
 import torch
 
 from galip.module import GALIPModule
-from galip.world.scenes import shape_swap, shape_swaps
-from tests.helpers import build, compose_config, one_batch_trainer, smoke_cfg
+from tests.helpers import build, one_batch_trainer, smoke_cfg
 
 LOGGED = ("d/real", "d/fake", "d/mismatch", "d/magp", "d/loss", "g/adv", "g/sim", "g/loss")
 LOGGED += ("grad_norm/g", "grad_norm/d", "kimg")
@@ -294,161 +292,51 @@ def test_checkpoint_has_no_clip_and_restores_g_and_d(step, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Hard negatives (model.hard_negatives): extra mismatched pairs for D
+# Built from config: factories for G and D, one place for the loss weights
 # ---------------------------------------------------------------------------------------------
+def test_module_builds_g_and_d_from_factories_around_its_clip(tiny_clip):
+    import functools
 
+    from galip.models import Discriminator, Generator
 
-def test_hard_negatives_join_the_mismatch_term(smoke_module):
-    m = smoke_module
-    b, n, geo = 3, len(m.tap_blocks), m.clip.geometry
-    torch.manual_seed(0)
-    real = torch.randn(b, n, geo.width, geo.grid, geo.grid)
-    fake = torch.randn(b, n, geo.width, geo.grid, geo.grid)
-    sent = torch.randn(b, geo.embed_dim)
-    rows, hard_sent = torch.tensor([0, 2]), torch.randn(2, geo.embed_dim)
-    plain = m.discriminator_terms(real, fake, sent)
-    terms = m.discriminator_terms(real, fake, sent, (rows, hard_sent))
-    with torch.no_grad():  # by hand: hinge over the b rolled pairs and the 2 hard pairs, one mean
-        rolled = m.discriminator(real, torch.roll(sent, -1, 0)).flatten()
-        hard = m.discriminator(real[rows], hard_sent).flatten()
-        expected = torch.relu(1 + torch.cat([rolled, hard])).mean()
-    torch.testing.assert_close(terms["mismatch"], expected)
-    assert not torch.allclose(terms["mismatch"], plain["mismatch"])
-    for key in ("real", "fake", "magp"):
-        torch.testing.assert_close(terms[key], plain[key])
-    torch.testing.assert_close(
-        terms["loss"], terms["real"] + 0.5 * (terms["fake"] + terms["mismatch"]) + terms["magp"]
+    module = GALIPModule(
+        tiny_clip,
+        functools.partial(Generator, ngf=8, prompt_blocks=[1]),
+        functools.partial(Discriminator, out_ch=16, hidden=8),
+        tap_blocks=[1, 3],
+        loss={"sim_weight": 2.0},
     )
-
-
-def test_hard_negative_vectors_encode_the_swapped_captions_of_rows_that_have_one(smoke_module):
-    m = smoke_module
-    captions = ["a red circle", "no shape here", "a blue square"]
-    m.hard_negatives = shape_swap
-    try:
-        rows, vectors = m.hard_negative_vectors({"caption": captions})
-        assert rows.tolist() == [0, 2]
-        assert vectors.shape == (2, m.clip.geometry.embed_dim) and not vectors.requires_grad
-        # each vector is the text tower's embedding of one shape swap of that row's caption (one shape word
-        # per caption here, so shape_swaps lists all three candidates whatever the RNG)
-        for row, vector in zip(rows.tolist(), vectors, strict=True):
-            embedded = m.clip.encode_text(m.clip.tokenize(shape_swaps(captions[row], random.Random(0))))
-            assert torch.isclose(embedded, vector[None], atol=1e-5).all(dim=1).any()
-        with pytest.raises(KeyError, match="caption"):
-            m.hard_negative_vectors({"tokens": torch.zeros(1, 77, dtype=torch.long)})
-    finally:
-        m.hard_negatives = None
-    assert m.hard_negative_vectors({"caption": captions}) is None
-
-
-def test_step_with_hard_negatives_from_config(tmp_path):
-    cfg = compose_config(
-        [
-            "+experiment=smoke",
-            "data=shapes",  # captions with shape words, rendered in memory
-            "data.shards=null",
-            "data.n_train=8",
-            "data.n_val=4",
-            "data.batch_size=4",
-            "data.num_workers=0",
-            "+model.hard_negatives._target_=galip.world.scenes.shape_swap",
-            "+model.hard_negatives._partial_=true",
-        ],
-        output_dir=tmp_path,
+    assert (
+        module.generator.clip is tiny_clip and module.discriminator.extractor.main.conv_r[0].in_channels == 64
     )
-    module, datamodule = build(cfg)
-    assert module.hard_negatives.func is shape_swap
-    found: list = []
-    original = module.hard_negative_vectors
-    module.hard_negative_vectors = lambda batch: found.append(original(batch)) or found[-1]
-    trainer = one_batch_trainer()
-    trainer.fit(module, datamodule=datamodule)
-    assert trainer.global_step == 2 and len(found) == 1
-    rows, vectors = found[0]
-    assert rows.tolist() == [0, 1, 2, 3] and vectors.shape[0] == 4  # every scene names a shape
-    assert torch.isfinite(trainer.callback_metrics["d/mismatch"])
+    assert len(module.discriminator.extractor.blocks) == 1  # n_taps - 1 gated blocks
+    assert (module.sim_weight, module.magp_k, module.magp_p) == (2.0, 2.0, 6.0)
+    with pytest.raises(ValueError, match="unknown keys \\['lambda'\\]"):
+        GALIPModule(tiny_clip, module.generator, module.discriminator, loss={"lambda": 1.0})
 
 
-# ---------------------------------------------------------------------------------------------
-# D's embedding head (model.discriminator.embedding_head): D also reads CLIP's pooled embedding
-# ---------------------------------------------------------------------------------------------
+def test_a_run_config_of_an_earlier_release_is_rebuilt(tmp_path):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf, open_dict
 
+    from galip.loading import build_module, upgraded
 
-def headed_cfg(output_dir, *extra: str):
-    return compose_config(
-        ["+experiment=smoke", "+model.discriminator.embedding_head=true", *extra], output_dir
-    )
-
-
-def test_embedding_head_terms_by_hand(tmp_path):
-    module, _ = build(headed_cfg(tmp_path), seed=2)
-    d = module.discriminator
-    assert module.discriminator_reads_embedding
-    with torch.no_grad():
-        for p in d.embedding_head.parameters():  # a head that is not zero, so it shows in every term
-            p.copy_(torch.randn_like(p) * 0.3)
-    b, n, geo = 3, len(module.tap_blocks), module.clip.geometry
-    real, fake = (
-        torch.randn(b, n, geo.width, geo.grid, geo.grid),
-        torch.randn(b, n, geo.width, geo.grid, geo.grid),
-    )
-    sent, real_emb, fake_emb = (
-        torch.randn(b, geo.embed_dim),
-        torch.randn(b, geo.embed_dim),
-        torch.randn(b, geo.embed_dim),
-    )
-    rows, hard_sent = torch.tensor([1]), torch.randn(1, geo.embed_dim)
-    terms = module.discriminator_terms(real, fake, sent, (rows, hard_sent), (real_emb, fake_emb))
-
-    x, s, e = (t.clone().requires_grad_(True) for t in (real, sent, real_emb))
-    d_real = d(x, s, e)
-    grads = torch.autograd.grad(d_real.sum(), (x, s, e))
-    norms = torch.cat([g.flatten(1) for g in grads], 1).norm(dim=1)
-    with torch.no_grad():
-        mis = torch.cat(
-            [d(real, torch.roll(sent, -1, 0), real_emb), d(real[rows], hard_sent, real_emb[rows])]
-        )
-        torch.testing.assert_close(terms["real"], torch.relu(1 - d_real).mean())
-        torch.testing.assert_close(terms["fake"], torch.relu(1 + d(fake, sent, fake_emb)).mean())
-        torch.testing.assert_close(terms["mismatch"], torch.relu(1 + mis).mean())
-        torch.testing.assert_close(terms["magp"], module.magp_k * norms.pow(module.magp_p).mean())
-    # MAGP sees the embedding: without its gradient the penalty is a different number
-    without_e = torch.cat([g.flatten(1) for g in grads[:2]], 1).norm(dim=1)
-    assert not torch.allclose(terms["magp"], module.magp_k * without_e.pow(module.magp_p).mean())
-
-
-def test_step_with_embedding_head_trains_the_head_and_feeds_it_clip_embeddings(tmp_path):
-    module, datamodule = build(headed_cfg(tmp_path), seed=3)
-    before = snapshot(module.discriminator)
-    seen: list = []
-    original = module.d_input.real_with_embedding
-    module.d_input.real_with_embedding = lambda image: seen.append(original(image)) or seen[-1]
-    trainer = one_batch_trainer()
-    trainer.fit(module, datamodule=datamodule)
-    taps, embedding = seen[0]
-    assert embedding.shape == (taps.shape[0], module.clip.geometry.embed_dim) and embedding.grad_fn is None
-    # the head's last layer starts at zero, so the first step moves it (and only it: h = 0 blocks the rest)
-    head_changed = {k for k in changed(before, module.discriminator) if k.startswith("embedding_head.")}
-    assert head_changed == {"embedding_head.net.2.weight", "embedding_head.net.2.bias"}
-    assert torch.isfinite(trainer.callback_metrics["d/magp"])
-
-
-def test_probe_score_of_a_headed_d_uses_the_real_embedding(tmp_path):
-    from galip.world.probe import discriminator_score
-
-    module, _ = build(headed_cfg(tmp_path), seed=4)
-    with torch.no_grad():
-        for p in module.discriminator.embedding_head.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    size = module.clip.geometry.image_size
-    image, captions = torch.rand(1, 3, size, size) * 2 - 1, ["a red circle", "a blue square"]
-    with torch.no_grad():
-        scores = discriminator_score(module)(image, captions)
-        taps, embedding = module.d_input.real_with_embedding(image)
-        sent = module.clip.encode_text(module.clip.tokenize(captions))
-        expected = module.discriminator(taps.expand(2, *taps.shape[1:]), sent, embedding.expand(2, -1))
-        without_head = module.discriminator.assessor(
-            module.discriminator.features(taps.expand(2, *taps.shape[1:])), sent
-        )
-    torch.testing.assert_close(scores, expected)
-    assert not torch.allclose(scores, without_head)
+    cfg = smoke_cfg(tmp_path)
+    old = cfg.model.copy()
+    with open_dict(old):
+        del old._target_
+        old.hard_negatives = None
+        old.generator.code_input = "noise"
+        old.generator.fused_fusion = False
+        del old.generator.execution
+    new = upgraded(old)
+    assert new._target_ == "galip.module.GALIPModule" and "hard_negatives" not in new
+    assert OmegaConf.to_container(new.generator.execution) == {"fused_fusion": False}
+    with open_dict(cfg):
+        cfg.model = old
+    module = build_module(cfg, instantiate(cfg.clip))
+    assert not module.generator.execution.fused_fusion
+    with open_dict(old):
+        old.hard_negatives = {"_target_": "x"}
+    with pytest.raises(ValueError, match="hard_negatives.*removed"):
+        upgraded(old)

@@ -267,7 +267,9 @@ def test_cli_missing_export_in_process(name, tmp_path, capsys):
         cli.main(cfg)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("galip: ") and "nope.safetensors: no such file or directory" in err and "\n" not in err
+    assert (
+        err.startswith("galip: ") and "nope.safetensors: no such file or directory" in err and "\n" not in err
+    )
 
 
 @pytest.mark.parametrize("name", ["sample", "interpolate"])

@@ -187,16 +187,9 @@ def test_discriminator_in_channels_last_gives_the_same_logits_and_magp_gradients
 
 def _generator_pair(clip):
     torch.manual_seed(0)
-    plain = Generator(
-        clip,
-        **SMALL_G,
-        batched_affines=False,
-        fused_fusion=False,
-        folded_upsample=False,
-        rgb_channels_last=False,
-    )
+    plain = Generator(clip, **SMALL_G, execution="official")
     _randomise_affines(plain, std=0.1)
-    fast = set_execution(copy.deepcopy(plain), True, True, True, True)
+    fast = set_execution(copy.deepcopy(plain), "fast")
     return plain, fast.to(memory_format=torch.channels_last)
 
 
@@ -252,7 +245,7 @@ def test_execution_choices_are_not_architecture(tiny_clip):
     """Same parameters and state-dict keys, and nothing about execution in the rebuild config."""
     plain, fast = _generator_pair(tiny_clip)
     assert list(plain.state_dict()) == list(fast.state_dict())
-    assert not {"batched_affines", "fused_fusion", "folded_upsample"} & set(fast.config)
+    assert not {"execution", "batched_affines", "fused_fusion", "folded_upsample"} & set(fast.config)
 
 
 # ---------------------------------------------------------------------------------------------

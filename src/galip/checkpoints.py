@@ -228,16 +228,10 @@ def to_official(
             out[old + key[len(new) :]] = value
         return out
 
-    own_size = generator.config.get("image_size") not in (None, generator.clip.geometry.image_size)
-    if (
-        generator.config.get("code_input", "noise") != "noise"
-        or own_size
-        or getattr(discriminator, "reads_embedding", False)
-    ):
+    if generator.config.get("image_size") not in (None, generator.clip.geometry.image_size):
         raise ValueError(
-            "the official layout has no place for these options (model.generator.code_input=condition, "
-            "model.generator.image_size other than CLIP's, model.discriminator.embedding_head=true): only a "
-            "paper-architecture G and D convert"
+            "the official layout has no place for model.generator.image_size other than CLIP's input size: "
+            "only a paper-architecture G converts"
         )
     net_g = invert(generator.state_dict(), OFFICIAL_G_MAP)
     net_g.update(

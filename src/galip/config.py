@@ -58,7 +58,9 @@ def call(target: str, *args: Any) -> Any:
     try:
         function = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"${{galip.call:{target}}}: no function {name!r} in module {module_name!r}") from err
+        raise ConfigError(
+            f"${{galip.call:{target}}}: no function {name!r} in module {module_name!r}"
+        ) from err
     return function(*args)
 
 

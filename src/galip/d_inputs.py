@@ -4,9 +4,7 @@ The training step asks its D input for two things and is otherwise the same for 
 
 * ``real(image)``: D's input for real images, without a graph (MAGP differentiates w.r.t. this tensor and
   the sentence vector, so nothing needs to flow back through CLIP for real images);
-* ``fake(image)``: D's input for G's images, with a graph, and the CLIP image embedding of the G loss;
-* ``real_with_embedding(image)``: ``real(image)`` and CLIP's image embedding, both without a graph (for a
-  D that also reads the embedding, `galip.models.discriminator.EmbeddingHead`).
+* ``fake(image)``: D's input for G's images, with a graph, and the CLIP image embedding of the G loss.
 """
 
 from __future__ import annotations
@@ -30,10 +28,6 @@ class CLIPTaps:
             taps, _ = self._clip[0].image_taps(image, self.tap_blocks, with_embedding=False)
         return taps
 
-    def real_with_embedding(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            return self._clip[0].image_taps(image, self.tap_blocks, with_embedding=True)
-
     def fake(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One CLIP pass gives both the taps and the embedding."""
         taps, embedding = self._clip[0].image_taps(image, self.tap_blocks, with_embedding=True)
@@ -51,10 +45,6 @@ class Pixels:
         if image.shape[-2:] == (size, size):
             return image.detach()
         return F.interpolate(image.detach(), size=(size, size), mode="bilinear", antialias=True)
-
-    def real_with_embedding(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with torch.no_grad():
-            return self.real(image), self._embedding(image)
 
     def fake(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The G loss still needs CLIP's image embedding."""
@@ -77,3 +67,11 @@ def d_input(kind: str, clip: FrozenCLIP, tap_blocks: Sequence[int]) -> CLIPTaps 
     if kind == "pixels":
         return Pixels(clip)
     raise ValueError(f"model.d_input={kind!r}: expected one of {D_INPUTS}")
+
+
+def discriminator_shape(kind: str, clip: FrozenCLIP, n_taps: int) -> dict[str, int]:
+    """What D is built around: the stacked CLIP taps, or (``pixels``, the baseline) the images."""
+    geo = clip.geometry
+    if kind == "pixels":
+        return {"image_size": geo.image_size, "embed_dim": geo.embed_dim}
+    return {"width": geo.width, "grid": geo.grid, "embed_dim": geo.embed_dim, "n_taps": n_taps}

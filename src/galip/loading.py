@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from galip.checkpoints import build_generator
 from galip.clip import FrozenCLIP
@@ -28,34 +28,41 @@ LAST = Path("checkpoints") / "last.ckpt"
 
 
 def build_module(cfg: DictConfig, clip: FrozenCLIP) -> GALIPModule:
-    """Generator and discriminator around the shared frozen CLIP, with their optimizers and loss weights."""
-    taps, d_input = list(cfg.model.tap_blocks), cfg.model.get("d_input", "clip")
-    generator = instantiate(cfg.model.generator)(clip=clip)
-    discriminator = instantiate(cfg.model.discriminator)(**discriminator_shape(d_input, clip, len(taps)))
-    return GALIPModule(
-        clip,
-        generator,
-        discriminator,
-        tap_blocks=taps,
+    """The training module of a run's config (``model``: a `GALIPModule` target, ``optim``: its optimizers)
+    around ``clip``: how training builds it, and how a checkpoint is rebuilt."""
+    model = upgraded(cfg.model)
+    return instantiate(
+        model,
+        clip=clip,
         optimizer_g=instantiate(cfg.optim.generator),
         optimizer_d=instantiate(cfg.optim.discriminator),
-        grad_clip=cfg.model.get("grad_clip"),
-        ema_half_life_kimg=cfg.model.get("ema_half_life_kimg"),
-        nonfinite=cfg.model.get("nonfinite", "stop"),
-        d_input=d_input,
-        channels_last=cfg.model.get("channels_last", False),
-        augment_translation=cfg.model.get("augment_translation", 0.0),
-        hard_negatives=instantiate(cfg.model.get("hard_negatives")),
-        **cfg.model.loss,
     )
 
 
-def discriminator_shape(d_input: str, clip: FrozenCLIP, n_taps: int) -> dict[str, int]:
-    """What D is built around: the stacked CLIP taps, or (``d_input=pixels``, the baseline) the images."""
-    geo = clip.geometry
-    if d_input == "pixels":
-        return {"image_size": geo.image_size, "embed_dim": geo.embed_dim}
-    return {"width": geo.width, "grid": geo.grid, "embed_dim": geo.embed_dim, "n_taps": n_taps}
+# Keys of earlier releases' run configs: options removed with their default value (dropped), and G's speed
+# switches, now fields of model.generator.execution.
+_REMOVED = {"hard_negatives": None, "generator.code_input": "noise", "discriminator.embedding_head": False}
+_EXECUTION_KEYS = ("batched_affines", "fused_fusion", "folded_upsample", "rgb_channels_last")
+
+
+def upgraded(model: DictConfig) -> DictConfig:
+    """A run config's ``model`` in today's form: earlier releases wired it by hand (no ``_target_``)."""
+    if "_target_" in model:
+        return model
+    model = model.copy()
+    with open_dict(model):
+        model._target_ = "galip.module.GALIPModule"
+        for dotted, off in _REMOVED.items():
+            node, _, key = dotted.rpartition(".")
+            parent = OmegaConf.select(model, node) if node else model
+            if parent is not None and key in parent:
+                if parent[key] != off:
+                    raise ValueError(f"model.{dotted}={parent[key]} was removed (it measured no gain)")
+                parent.pop(key)
+        levers = {k: model.generator.pop(k) for k in _EXECUTION_KEYS if k in model.generator}
+        if levers:
+            model.generator.execution = levers
+    return model
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -29,11 +29,14 @@ class GALIPModule(L.LightningModule):
 
     Args:
         clip: the frozen CLIP (registered here once; G holds a reference to the same object).
-        generator, discriminator: the learnable networks.
+        generator, discriminator: the learnable networks, or factories that build them (Hydra ``_partial_``
+            targets): ``generator(clip=clip)`` and ``discriminator(**galip.d_inputs.discriminator_shape(…))``.
         tap_blocks: 0-based CLIP blocks whose patch tokens D reads (paper 1, 4, 8).
+        d_input: what D reads (Table 3 ablations): ``"clip"`` the frozen CLIP taps of ``tap_blocks`` (GALIP),
+            ``"pixels"`` the images themselves (the DF-GAN-style baseline). See `galip.d_inputs`.
         optimizer_g, optimizer_d: factories taking parameters (Hydra ``_partial_`` optimizers).
-        sim_weight: λ of the CLIP-similarity term in L_G (paper 4).
-        magp_k, magp_p: MAGP weight and power (paper 2, 6).
+        loss: the loss weights (`LOSS`): ``sim_weight`` λ of the CLIP-similarity term in L_G (paper 4),
+            ``magp_k`` and ``magp_p`` MAGP's weight and power (paper 2, 6).
         grad_clip: optional max grad norm (applied through ``self.clip_gradients``; the Trainer's own
             ``gradient_clip_val`` is refused under manual optimisation).
         ema_half_life_kimg: half-life of an exponential moving average of G's weights, in thousands of
@@ -42,14 +45,9 @@ class GALIPModule(L.LightningModule):
         nonfinite: what a NaN/Inf loss term or gradient does: ``"stop"`` raises `NonFiniteError` naming the
             term (or parameter) and the batch; ``"skip"`` drops that optimizer step and counts it
             (``health/skipped_steps``).
-        d_input: what D reads (Table 3 ablations): ``"clip"`` the frozen CLIP taps of ``tap_blocks`` (GALIP),
-            ``"pixels"`` the images themselves (the DF-GAN-style baseline). See `galip.d_inputs`.
         channels_last: keep G's weights (and so its feature maps) in channels_last memory format: the same
             maths; on a CPU it speeds up G's forward (sampling) but slows a training step down
             (experiments/benchmarks.md), so it is off by default here and on in `galip.sampling`.
-        hard_negatives: ``f(caption, rng) -> caption | None``, e.g. `galip.data.shapes.shape_swap`: each
-            real image is also shown to D with ``f(its caption)`` as a mismatched pair (not in the paper; the
-            official mismatches are other captions of the batch). ``None`` = off.
         augment_translation: DiffAugment-style random shift (up to this fraction of the image size) of the
             real and fake images before D and the CLIP term see them (`galip.augment`; not in the paper).
             0 = off, as in the official code.
@@ -58,25 +56,26 @@ class GALIPModule(L.LightningModule):
     def __init__(
         self,
         clip: FrozenCLIP,
-        generator: Generator,
-        discriminator: Discriminator,
+        generator: Generator | Callable[..., nn.Module],
+        discriminator: Discriminator | Callable[..., nn.Module],
         tap_blocks: Sequence[int] = (1, 4, 8),
+        d_input: str = "clip",
         optimizer_g: OptimizerFactory | None = None,
         optimizer_d: OptimizerFactory | None = None,
-        sim_weight: float = 4.0,
-        magp_k: float = 2.0,
-        magp_p: float = 6.0,
+        loss: Mapping[str, float] | None = None,
         grad_clip: float | None = None,
         ema_half_life_kimg: float | None = None,
         ema_rampup: float | None = 0.05,
         nonfinite: str = "stop",
-        d_input: str = "clip",
         channels_last: bool = False,
         augment_translation: float = 0.0,
-        hard_negatives: Callable[[str, random.Random], str | None] | None = None,
     ):
         super().__init__()
         self.automatic_optimization = False
+        if not isinstance(generator, nn.Module):
+            generator = generator(clip=clip)
+        if not isinstance(discriminator, nn.Module):
+            discriminator = discriminator(**d_inputs.discriminator_shape(d_input, clip, len(tap_blocks)))
         if channels_last:
             generator = generator.to(memory_format=torch.channels_last)
         self.clip = clip
@@ -85,10 +84,15 @@ class GALIPModule(L.LightningModule):
         self.tap_blocks = tuple(tap_blocks)
         self.d_input = d_inputs.d_input(d_input, clip, self.tap_blocks)
         self.augment_translation = augment_translation
-        self.hard_negatives = hard_negatives
         self.optimizer_g = optimizer_g or ttur_adam(1e-4)
         self.optimizer_d = optimizer_d or ttur_adam(4e-4)
-        self.sim_weight, self.magp_k, self.magp_p, self.grad_clip = sim_weight, magp_k, magp_p, grad_clip
+        weights = loss_weights(loss)
+        self.sim_weight, self.magp_k, self.magp_p = (
+            weights["sim_weight"],
+            weights["magp_k"],
+            weights["magp_p"],
+        )
+        self.grad_clip = grad_clip
         self.images_seen = 0
         self.ema_half_life_kimg, self.ema_rampup = ema_half_life_kimg, ema_rampup
         self.generator_ema = ema_copy(generator, clip) if ema_half_life_kimg else None
@@ -125,46 +129,9 @@ class GALIPModule(L.LightningModule):
         checkpointed noise stream, so an augmented run resumes exactly too."""
         return augment.translate(image, self.augment_translation, self.noise_rng())
 
-    def hard_negative_vectors(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Sentence vectors of ``hard_negatives(caption)`` for the batch rows that have one, or ``None``.
-
-        The Python RNG that picks the swaps is seeded from the checkpointed noise stream (exact resume)."""
-        if self.hard_negatives is None:
-            return None
-        if "caption" not in batch:
-            raise KeyError("model.hard_negatives needs the batch's captions (the 'caption' key)")
-        seed = int(torch.randint(2**62, (1,), device=self.device, generator=self.noise_rng()))
-        rng = random.Random(seed)
-        negatives = [self.hard_negatives(caption, rng) for caption in batch["caption"]]
-        rows = [i for i, c in enumerate(negatives) if c is not None]
-        if not rows:
-            return None
-        tokens = self.clip.tokenize([negatives[i] for i in rows]).to(self.device)
-        return torch.tensor(rows, device=self.device), self.clip.encode_text(tokens)
-
     def real_taps(self, image: torch.Tensor) -> torch.Tensor:
         """D's input for real images (CLIP taps, or pixels): no graph, MAGP differentiates w.r.t. it."""
         return self.d_input.real(image)
-
-    @property
-    def discriminator_reads_embedding(self) -> bool:
-        """D has an embedding head (`galip.models.discriminator.EmbeddingHead`): it also reads CLIP's
-        pooled image embedding, of the reals (no graph) and of the fakes (with G's graph in the G step)."""
-        return getattr(self.discriminator, "reads_embedding", False)
-
-    def real_inputs(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """D's input for real images and, for a D that reads it, their CLIP embedding (else None); no graph."""
-        if self.discriminator_reads_embedding:
-            return self.d_input.real_with_embedding(image)
-        return self.real_taps(image), None
-
-    def d_logits(
-        self, features: torch.Tensor, sent: torch.Tensor, embedding: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """D's logits from its features (``discriminator.features``, shared by several pairs) and sentence
-        vectors; ``embedding`` (CLIP's image embedding) is passed on only to a D that reads it."""
-        kwargs = {"embedding": embedding} if self.discriminator_reads_embedding else {}
-        return self.discriminator.assess(features, sent, **kwargs)
 
     def trainable_parameters(self, module: nn.Module) -> list[nn.Parameter]:
         return [p for p in module.parameters() if p.requires_grad]
@@ -182,23 +149,17 @@ class GALIPModule(L.LightningModule):
         fake = self.generator(self.noise(real.shape[0]), sent)
         real, fake = self.augment(real), self.augment(fake)  # identity unless augment_translation > 0
         fake_taps, fake_emb = self.d_input.fake(fake)  # D's input for the fakes + CLIP embedding for L_G
+        real_taps = self.real_taps(real)
 
-        hard = self.hard_negative_vectors(batch)
-        real_taps, real_emb = self.real_inputs(real)
-        embeddings = None if real_emb is None else (real_emb, fake_emb.detach())  # for D's embedding head
         d_terms = self.optimize(
-            opt_d,
-            "d",
-            lambda: self.discriminator_terms(real_taps, fake_taps.detach(), sent, hard, embeddings),
+            opt_d, "d", lambda: self.discriminator_terms(real_taps, fake_taps.detach(), sent)
         )
         # The G step reuses this batch's fake (one G forward per iteration) and D's fresh weights.
         g_terms = self.optimize(
             opt_g,
             "g",
             lambda: losses.generator_loss(
-                self.d_logits(self.discriminator.features(fake_taps), sent, fake_emb),
-                losses.clip_similarity(fake_emb, sent),
-                self.sim_weight,
+                self.discriminator(fake_taps, sent), losses.clip_similarity(fake_emb, sent), self.sim_weight
             ),
         )
 
@@ -248,44 +209,24 @@ class GALIPModule(L.LightningModule):
         return getattr(self.trainer.precision_plugin, "scaler", None) is not None
 
     def discriminator_terms(
-        self,
-        real_taps: torch.Tensor,
-        fake_taps: torch.Tensor,
-        sent: torch.Tensor,
-        hard: tuple[torch.Tensor, torch.Tensor] | None = None,
-        embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        self, real_taps: torch.Tensor, fake_taps: torch.Tensor, sent: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        """L_D: hinge on real / ½ fake / ½ mismatched pairs + MAGP on the real, matching pairs.
+        """L_D (eq. 1): hinge on real / ½ fake / ½ mismatched pairs + MAGP on the real, matching pairs.
 
-        Real and mismatched pairs share one pass of D's feature extractor (D = assess(features(x), s)), as
-        in the official code: the same values and gradients as two passes, for less compute. ``hard``:
-        (rows, sentence vectors) of hard-negative captions (`hard_negative_vectors`), judged as further
-        mismatched pairs of those rows' real images; the mismatch term averages over both kinds.
-        ``embeddings``: (reals', fakes') CLIP image embeddings, for a D with an embedding head; MAGP then
-        also differentiates w.r.t. the real embedding (it is one more input D reads for the real pairs).
+        D(x, s) = assess(features(x), s): the real and mismatched pairs share one pass of D's feature
+        extractor, as in the official code (the same values and gradients as two passes, for less compute).
+        MAGP differentiates D(x, s) w.r.t. the CLIP taps of x and the sentence vector s.
         """
         real_taps = real_taps.detach().requires_grad_(True)
         sent_in = sent.detach().requires_grad_(True)
-        real_emb = fake_emb = None
-        inputs = [real_taps, sent_in]
-        if embeddings is not None:
-            real_emb = embeddings[0].detach().float().requires_grad_(True)
-            fake_emb = embeddings[1].detach()
-            inputs.append(real_emb)
         # The real branch (and so MAGP's double backward) runs in fp32 whatever the training precision.
         with torch.autocast(device_type=self.device.type, enabled=False):
             real_features = self.discriminator.features(real_taps.float())
-            d_real = self.d_logits(real_features, sent_in.float(), real_emb)
-            penalty = losses.magp(d_real, inputs, self.magp_k, self.magp_p)
-        real_emb = None if real_emb is None else real_emb.detach()
-        d_mis = self.d_logits(real_features, losses.mismatch(sent), real_emb)
-        if hard is not None:
-            rows, hard_sent = hard
-            hard_emb = None if real_emb is None else real_emb[rows]
-            d_hard = self.d_logits(real_features[rows], hard_sent.detach(), hard_emb)
-            d_mis = torch.cat([d_mis.flatten(), d_hard.flatten()])
-        d_fake = self.d_logits(self.discriminator.features(fake_taps), sent, fake_emb)
-        return losses.discriminator_loss(d_real, d_fake, d_mis, penalty)
+            d_real = self.discriminator.assess(real_features, sent_in.float())
+            penalty = losses.magp(d_real, [real_taps, sent_in], self.magp_k, self.magp_p)
+        d_mismatch = self.discriminator.assess(real_features, losses.mismatch(sent))
+        d_fake = self.discriminator(fake_taps, sent)
+        return losses.discriminator_loss(d_real, d_fake, d_mismatch, penalty)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Gradients are already unscaled here under fp16 (Lightning unscales before this hook).
@@ -393,6 +334,17 @@ class GALIPModule(L.LightningModule):
             "params/trainable": trainable,
             "params/frozen": frozen,
         }
+
+
+LOSS = {"sim_weight": 4.0, "magp_k": 2.0, "magp_p": 6.0}  # the paper's λ, MAGP k and p
+
+
+def loss_weights(loss: Mapping[str, float] | None) -> dict[str, float]:
+    """`LOSS` with ``loss``'s values; a key that is not a loss weight is an error naming the known ones."""
+    unknown = sorted(set(loss or {}) - set(LOSS))
+    if unknown:
+        raise ValueError(f"model.loss: unknown keys {unknown}; known: {sorted(LOSS)}")
+    return {k: float(v) for k, v in {**LOSS, **(loss or {})}.items()}
 
 
 class NonFiniteError(RuntimeError):

@@ -138,8 +138,6 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric", "")) if cfg.get("optimized_metric") else None
 
 
-
-
 # Names of earlier releases that moved: asked for here, they say where.
 _MOVED = {
     "build_module": "galip.loading.build_module",

@@ -265,9 +265,7 @@ def test_the_judge_in_the_evaluation_callback_writes_jsonl(random_judge, tmp_pat
         log_every_n_steps=1,
     )
     trainer.fit(FakeGALIP())
-    lines = [
-        json.loads(line) for line in (tmp_path / "eval" / "evaluation.jsonl").read_text().splitlines()
-    ]
+    lines = [json.loads(line) for line in (tmp_path / "eval" / "evaluation.jsonl").read_text().splitlines()]
     # after batches 2 and 4; the end of training is batch 4, already scored, so not judged twice
     assert [line["step"] for line in lines] == [2, 4]
     assert [line["kimg"] for line in lines] == [0.008, 0.016]

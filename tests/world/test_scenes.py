@@ -32,7 +32,6 @@ def _patch_rgb(image: Image.Image, xy: tuple[float, float], radius: int = 1) -> 
     return pixels[y - radius : y + radius + 1, x - radius : x + radius + 1].reshape(-1, 3).mean(0)
 
 
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return open_clip.get_tokenizer("ViT-B-32")

@@ -58,13 +58,26 @@ __all__ = [
 
 
 # The embedded shapes world moved to its own package; a name of it looked up here says where it went.
-_MOVED = ("BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "Obj", "Scene", "ShapesDataModule",
-          "ShapesWorld", "sample_scene", "write_shapes_shards")
+_MOVED = (
+    "BACKGROUNDS",
+    "COLOURS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "Obj",
+    "Scene",
+    "ShapesDataModule",
+    "ShapesWorld",
+    "sample_scene",
+    "write_shapes_shards",
+)
 
 
 def __getattr__(name: str):
     if name == "shapes":
         raise AttributeError("galip.data.shapes moved to the embedded world's package: galip.world.scenes")
     if name in _MOVED:
-        raise AttributeError(f"galip.data.{name} moved to the embedded world's package: galip.world.scenes.{name}")
+        raise AttributeError(
+            f"galip.data.{name} moved to the embedded world's package: galip.world.scenes.{name}"
+        )
     raise AttributeError(f"module 'galip.data' has no attribute {name!r}")

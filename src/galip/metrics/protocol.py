@@ -189,7 +189,9 @@ class FIDEvaluator:
         if not self.with_fid:
             return None
         if self._fid is None:
-            self._fid = make_fid(self.extractor, self.weights, antialias=self.antialias, features=self.features)
+            self._fid = make_fid(
+                self.extractor, self.weights, antialias=self.antialias, features=self.features
+            )
             if self.reference is not None:
                 seed_fid(self._fid, self.reference)
         return self._fid.to(device)

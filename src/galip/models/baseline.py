@@ -12,13 +12,15 @@ Table 3 differ in the components the paper adds, not in incidental layer choices
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from galip.clip import FrozenCLIP
 from galip.models.discriminator import QualityAssessor
-from galip.models.generator import decoder_channels, decoder_sizes, set_execution
+from galip.models.generator import Execution, decoder_channels, decoder_sizes, set_execution
 from galip.models.layers import GBlock, condition
 
 # ---------------------------------------------------------------------------------------------
@@ -28,7 +30,7 @@ from galip.models.layers import GBlock, condition
 # Keys of a GALIP generator config that a CNN generator has no use for. An ablation row swaps the
 # generator's `_target_` under whatever sizes an experiment set, and config merging cannot delete keys.
 GALIP_ONLY_KEYS = frozenset(
-    {"code_ch", "mid_ch", "n_fusion_blocks", "prompt_blocks", "use_clip_mapper", "mapped_scale", "code_input"}
+    {"code_ch", "mid_ch", "n_fusion_blocks", "prompt_blocks", "use_clip_mapper", "mapped_scale"}
 )
 
 
@@ -57,7 +59,7 @@ class CNNGenerator(nn.Module):
             for c_in, c_out, size in zip(chans[:-1], chans[1:], sizes, strict=True)
         )
         self.to_rgb = nn.Conv2d(chans[-1], 3, 3, 1, 1)
-        self.batched_affines = True  # execution choice, see galip.models.generator.set_execution
+        self.execution = Execution()  # how its blocks run, see galip.models.generator.set_execution
 
     @property
     def clip(self) -> FrozenCLIP:
@@ -67,7 +69,7 @@ class CNNGenerator(nn.Module):
         """Noise [B, nz] + sentence vector [B, embed_dim] -> image [B, 3, S, S] in [-1, 1]."""
         cond = torch.cat([z, sent_emb.to(z.dtype)], dim=1)
         x = self.fc(z).view(z.shape[0], -1, self.start, self.start)
-        y = condition(self, cond, self.batched_affines)
+        y = condition(self, cond, self.execution.batched_affines)
         for block in self.blocks:
             x = block(x, y)
         return torch.tanh(self.to_rgb(F.leaky_relu(x, 0.2)))
@@ -78,9 +80,7 @@ def cnn_generator(
     nz: int = 100,
     ngf: int = 64,
     image_size: int | None = None,
-    batched_affines: bool = True,
-    fused_fusion: bool = True,
-    folded_upsample: bool = True,
+    execution: str | Mapping[str, bool] | Execution = "fast",
     **galip_only,
 ) -> CNNGenerator:
     """Hydra target of the baseline row: a ``CNNGenerator`` from a (merged) GALIP generator config.
@@ -90,12 +90,7 @@ def cnn_generator(
     unknown = sorted(set(galip_only) - GALIP_ONLY_KEYS)
     if unknown:
         raise TypeError(f"cnn_generator got unexpected keys {unknown}")
-    return set_execution(
-        CNNGenerator(clip, nz=nz, ngf=ngf, image_size=image_size),
-        batched_affines,
-        fused_fusion,
-        folded_upsample,
-    )
+    return set_execution(CNNGenerator(clip, nz=nz, ngf=ngf, image_size=image_size), execution)
 
 
 # ---------------------------------------------------------------------------------------------

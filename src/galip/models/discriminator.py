@@ -7,7 +7,6 @@ outside (``FrozenCLIP.image_taps``) so the training step can reuse them and choo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from galip.models.layers import DBlock
@@ -50,40 +49,12 @@ class QualityAssessor(nn.Module):
         return self.joint_conv(torch.cat([feats, s], dim=1)).flatten()
 
 
-class EmbeddingHead(nn.Module):
-    """A projection-discriminator term on CLIP's pooled image embedding (not in the paper; off by default).
-
-    logit = ⟨h(ê), ŝ⟩ + u·h(ê) with ê, ŝ the unit image embedding and sentence vector and h a small MLP whose
-    last layer starts at zero, so D starts as GALIP's. The taps D reads are patch tokens; the pooled
-    embedding is where a CLIP trained with hard negatives keeps what tells a caption from its shape swap
-    (experiments/demo.md), and this term lets D's matching-aware judgement use it.
-    """
-
-    def __init__(self, embed_dim: int, hidden: int = 256):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(embed_dim, hidden), nn.LeakyReLU(0.2, inplace=True), nn.Linear(hidden, embed_dim)
-        )
-        self.unconditional = nn.Linear(embed_dim, 1, bias=False)
-        nn.init.zeros_(self.net[2].weight)
-        nn.init.zeros_(self.net[2].bias)
-
-    def forward(self, embedding: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
-        """[B, E] image embeddings + [B, E] sentence vectors -> logits [B]."""
-        h = self.net(F.normalize(embedding, dim=-1))
-        s = F.normalize(sent_emb.to(h.dtype), dim=-1)
-        return (h * s).sum(-1) + self.unconditional(h).flatten()
-
-
 class Discriminator(nn.Module):
     """Mate-D: the learnable part of GALIP's discriminator (the frozen CLIP stays outside).
 
     ``channels_last`` is an execution choice (same values and gradients, same weights): D's convs run on
     channels_last maps, where oneDNN's kernels for these small 7×7 maps are faster than the NCHW ones
     (experiments/benchmarks.md). False runs them as the official code does.
-
-    ``embedding_head`` adds `EmbeddingHead` (off by default, as in the paper): D then also reads CLIP's
-    pooled image embedding, and ``forward``/``assess`` need it as ``embedding``.
     """
 
     def __init__(
@@ -95,38 +66,18 @@ class Discriminator(nn.Module):
         out_ch: int = 512,
         hidden: int = 128,
         channels_last: bool = True,
-        embedding_head: bool = False,
-        head_hidden: int = 256,
     ):
         super().__init__()
         self.extractor = CLIPFeatureExtractor(width, n_taps, out_ch)
         self.assessor = QualityAssessor(out_ch, embed_dim, grid, hidden)
-        self.embedding_head = EmbeddingHead(embed_dim, head_hidden) if embedding_head else None
         self.channels_last = channels_last
 
-    @property
-    def reads_embedding(self) -> bool:
-        """Whether D needs CLIP's image embedding next to the taps (``embedding_head``)."""
-        return self.embedding_head is not None
-
-    def forward(
-        self, taps: torch.Tensor, sent_emb: torch.Tensor, embedding: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return self.assess(self.features(taps), sent_emb, embedding)
+    def forward(self, taps: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
+        return self.assess(self.features(taps), sent_emb)
 
     # D(x, s) = assess(features(x), s): real and mismatched pairs share one feature pass (as officially).
     def features(self, taps: torch.Tensor) -> torch.Tensor:
         return self.extractor(taps, torch.channels_last if self.channels_last else torch.preserve_format)
 
-    def assess(
-        self, features: torch.Tensor, sent_emb: torch.Tensor, embedding: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        logits = self.assessor(features, sent_emb)
-        if self.embedding_head is None:
-            return logits
-        if embedding is None:
-            raise ValueError(
-                "this Discriminator has an embedding head (model.discriminator.embedding_head=true): pass "
-                "CLIP's image embedding of the same images as `embedding`"
-            )
-        return logits + self.embedding_head(embedding.to(features.dtype), sent_emb)
+    def assess(self, features: torch.Tensor, sent_emb: torch.Tensor) -> torch.Tensor:
+        return self.assessor(features, sent_emb)

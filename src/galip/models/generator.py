@@ -3,14 +3,18 @@
 cond = [z; s]
 bridge = BridgeFeaturePredictor(z, cond)                        # [B, width, grid, grid]
 prompts = PromptPredictor(cond)                                  # one token per prompted block
-seed = conv(bridge + 0.1 · CLIP-ViT(bridge, prompts))            # frozen CLIP as a mapper
-image = ImageDecoder(seed, cond)                                 # GBlocks up to CLIP's input size
+seed = bridge + 0.1 · CLIP-ViT(bridge, prompts)                  # frozen CLIP as a mapper
+image = ImageDecoder(seed, cond)                                 # conv, GBlocks up to CLIP's input size
+
+How the blocks run (`Execution`) is a separate choice from what they compute: "fast" (the default) and
+"official" (the official code's way) give the same images from the same weights.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,15 +23,12 @@ from torch import nn
 from galip.clip import FrozenCLIP
 from galip.models.layers import Conditioning, DFBlock, FusionBlock, GBlock, condition
 
-CODE_INPUTS = ("noise", "condition")
-
 
 class BridgeFeaturePredictor(nn.Module):
     """Noise -> (code_ch, grid, grid) -> text-fused residual blocks -> conv to CLIP width.
 
-    ``code_input``: what the first Linear maps to the spatial code map. ``"noise"`` is the paper's (z only:
-    the layout comes from the noise, the text modulates channels through the fusion blocks); ``"condition"``
-    maps [z; s], so the sentence vector can place content on the grid directly (not in the paper).
+    The layout comes from the noise (the first Linear reads z alone); the text modulates channels through the
+    fusion blocks.
     """
 
     def __init__(
@@ -39,24 +40,15 @@ class BridgeFeaturePredictor(nn.Module):
         code_ch: int = 64,
         mid_ch: int = 32,
         n_blocks: int = 4,
-        code_input: str = "noise",
     ):
         super().__init__()
-        if code_input not in CODE_INPUTS:
-            raise ValueError(f"code_input={code_input!r}: expected one of {CODE_INPUTS}")
-        self.code_ch, self.grid, self.code_input = code_ch, grid, code_input
-        self.fc_code = nn.Linear(nz if code_input == "noise" else cond_dim, code_ch * grid * grid)
+        self.code_ch, self.grid = code_ch, grid
+        self.fc_code = nn.Linear(nz, code_ch * grid * grid)
         self.blocks = nn.ModuleList(FusionBlock(code_ch, mid_ch, code_ch, cond_dim) for _ in range(n_blocks))
         self.conv_fuse = nn.Conv2d(code_ch, width, 5, 1, 2)
 
-    def forward(
-        self, z: torch.Tensor, cond: torch.Tensor | Conditioning, cond_vector: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """``cond_vector``: [z; s], needed with ``code_input="condition"``."""
-        code_in = z if self.code_input == "noise" else cond_vector
-        if code_in is None:
-            raise ValueError("code_input='condition' needs cond_vector=[z; s]")
-        x = self.fc_code(code_in).view(-1, self.code_ch, self.grid, self.grid)
+    def forward(self, z: torch.Tensor, cond: torch.Tensor | Conditioning) -> torch.Tensor:
+        x = self.fc_code(z).view(-1, self.code_ch, self.grid, self.grid)
         for block in self.blocks:
             x = block(x, cond)
         return self.conv_fuse(x)
@@ -121,6 +113,43 @@ class ImageDecoder(nn.Module):
         return self.to_rgb(x)
 
 
+@dataclass(frozen=True)
+class Execution:
+    """How a generator runs its blocks: the same maths, the same weights, not part of the architecture.
+
+    batched_affines: all Affine MLPs computed together (`layers.Conditioning`);
+    fused_fusion: each DFBlock's elementwise steps as one op (`layers.DFBlock`);
+    folded_upsample: each GBlock's upsample folded into its first conv (`layers.GBlock`);
+    rgb_channels_last: the conv to RGB in channels_last (`ImageDecoder`).
+
+    ``Execution.of("fast")`` is all of them (the default), ``"official"`` none (the official code's way), a
+    mapping picks them one by one (``model.generator.execution={fused_fusion: false}``).
+    """
+
+    batched_affines: bool = True
+    fused_fusion: bool = True
+    folded_upsample: bool = True
+    rgb_channels_last: bool = True
+
+    @classmethod
+    def of(cls, setting: str | Mapping[str, bool] | Execution) -> Execution:
+        if isinstance(setting, Execution):
+            return setting
+        if isinstance(setting, Mapping):
+            return cls(**setting)
+        if setting == "fast":
+            return cls()
+        if setting == "official":
+            return cls(False, False, False, False)
+        raise ValueError(
+            f"execution={setting!r}: expected 'fast', 'official' or a mapping of {list(asdict(cls()))}"
+        )
+
+
+# Per-lever keys of earlier releases, now fields of `Execution`.
+_EXECUTION_KEYS = frozenset(asdict(Execution()))
+
+
 class Generator(nn.Module):
     """Mate-G + frozen CLIP-ViT. ``clip`` is held by reference, never as a submodule.
 
@@ -128,20 +157,14 @@ class Generator(nn.Module):
         clip: the shared frozen CLIP; its geometry sets every shape.
         nz: noise size (paper 100).
         ngf: decoder base channels (paper 64).
+        code_ch, mid_ch, n_fusion_blocks: the bridge feature predictor's sizes (paper 64, 32, 4).
         prompt_blocks: 0-based CLIP blocks that get a predicted prompt (paper 1..8).
-        use_clip_mapper: False drops the CLIP branch (ablation "w/o CLIP in G"): seed = conv(bridge).
+        use_clip_mapper: False drops the CLIP branch (ablation "w/o CLIP in G"): seed = bridge.
         mapped_scale: weight of the CLIP-mapped feature added to the bridge feature (paper 0.1).
-        code_input: ``"noise"`` (paper) or ``"condition"``: what the bridge predictor's first Linear reads
-            (see `BridgeFeaturePredictor`).
         image_size: side of the images G draws; ``None`` = CLIP's input size (the paper). A CLIP that reads
             a smaller image (e.g. 32 px of a 64-px world) sees G's output through `FrozenCLIP.preprocess`'s
             antialiased resize, for D and for the CLIP term alike.
-        batched_affines, fused_fusion, folded_upsample, rgb_channels_last: execution choices, not
-            architecture (same maths, same weights, not stored in ``config``): all Affine MLPs computed
-            together (`layers.Conditioning`), each DFBlock's elementwise steps as one op (`layers.DFBlock`),
-            each GBlock's upsample folded into its first conv (`layers.GBlock`), and the conv to RGB in
-            channels_last (`ImageDecoder`). All False is the official code's way of running it; see
-            `set_execution`.
+        execution: how the blocks run (`Execution`: "fast", "official" or per lever); not stored in ``config``.
     """
 
     def __init__(
@@ -155,14 +178,12 @@ class Generator(nn.Module):
         prompt_blocks: Sequence[int] = (1, 2, 3, 4, 5, 6, 7, 8),
         use_clip_mapper: bool = True,
         mapped_scale: float = 0.1,
-        code_input: str = "noise",
         image_size: int | None = None,
-        batched_affines: bool = True,
-        fused_fusion: bool = True,
-        folded_upsample: bool = True,
-        rgb_channels_last: bool = True,
+        execution: str | Mapping[str, bool] | Execution = "fast",
+        **removed,
     ):
         super().__init__()
+        _refuse_removed(removed)
         geo = clip.geometry
         _check_blocks("prompt_blocks", prompt_blocks, geo.depth)
         # Constructor arguments (without the CLIP): enough to rebuild this generator around a CLIP.
@@ -175,7 +196,6 @@ class Generator(nn.Module):
             "prompt_blocks": list(prompt_blocks),
             "use_clip_mapper": use_clip_mapper,
             "mapped_scale": mapped_scale,
-            "code_input": code_input,
             "image_size": image_size,
         }
         self._clip = (clip,)  # a tuple hides it from nn.Module registration
@@ -183,14 +203,14 @@ class Generator(nn.Module):
         self.prompt_blocks = tuple(prompt_blocks) if use_clip_mapper else ()
         cond_dim = nz + geo.embed_dim
         self.bridge = BridgeFeaturePredictor(
-            nz, cond_dim, geo.grid, geo.width, code_ch, mid_ch, n_fusion_blocks, code_input
+            nz, cond_dim, geo.grid, geo.width, code_ch, mid_ch, n_fusion_blocks
         )
         self.prompts = (
             PromptPredictor(cond_dim, len(self.prompt_blocks), geo.width) if self.prompt_blocks else None
         )
         self.image_size = image_size or geo.image_size
         self.decoder = ImageDecoder(cond_dim, geo.width, geo.grid, self.image_size, ngf)
-        set_execution(self, batched_affines, fused_fusion, folded_upsample, rgb_channels_last)
+        set_execution(self, execution)
 
     @property
     def clip(self) -> FrozenCLIP:
@@ -200,32 +220,46 @@ class Generator(nn.Module):
         """Noise [B, nz] + sentence vector [B, embed_dim] -> image [B, 3, S, S] (S = ``image_size``), roughly
         in [-1, 1]."""
         cond = torch.cat([z, sent_emb.to(z.dtype)], dim=1)
-        y = condition(self, cond, self.batched_affines)
-        bridge = self.bridge(z, y, cond)
-        seed = bridge
+        y = condition(self, cond, self.execution.batched_affines)  # every Affine's (γ, β), or cond itself
+        seed = self.bridge(z, y)
         if self.use_clip_mapper:
             prompts = self.prompts(cond) if self.prompts is not None else None
-            seed = bridge + self.mapped_scale * self.clip.map_bridge(bridge, prompts, self.prompt_blocks)
+            seed = seed + self.mapped_scale * self.clip.map_bridge(seed, prompts, self.prompt_blocks)
         return self.decoder(seed, y)
 
 
 def set_execution(
-    generator: nn.Module,
-    batched_affines: bool = True,
-    fused_fusion: bool = True,
-    folded_upsample: bool = True,
-    rgb_channels_last: bool = True,
+    generator: nn.Module, execution: str | Mapping[str, bool] | Execution = "fast"
 ) -> nn.Module:
-    """Choose how a generator runs its blocks (same maths either way; see `Generator`)."""
-    generator.batched_affines = batched_affines
+    """Choose how a generator runs its blocks (same maths either way; see `Execution`)."""
+    generator.execution = execution = Execution.of(execution)
     for module in generator.modules():
         if isinstance(module, DFBlock):
-            module.fused = fused_fusion
+            module.fused = execution.fused_fusion
         elif isinstance(module, GBlock):
-            module.folded = folded_upsample
+            module.folded = execution.folded_upsample
         elif isinstance(module, ImageDecoder):
-            module.rgb_channels_last = rgb_channels_last
+            module.rgb_channels_last = execution.rgb_channels_last
     return generator
+
+
+def _refuse_removed(removed: Mapping) -> None:
+    """Keys of earlier releases: one line naming what replaced each."""
+    if not removed:
+        return
+    levers = sorted(set(removed) & _EXECUTION_KEYS)
+    if levers:
+        raise TypeError(
+            f"Generator: {levers} are now fields of one setting, execution: 'fast' | 'official' | "
+            f"{{{levers[0]}: {removed[levers[0]]}, …}} (model.generator.execution)"
+        )
+    if removed.get("code_input", "noise") == "noise" and set(removed) == {"code_input"}:
+        return  # exports and configs of earlier releases say the paper's value: nothing to do
+    if "code_input" in removed:
+        raise TypeError(
+            "Generator: code_input='condition' was removed (it measured no gain); the bridge reads z"
+        )
+    raise TypeError(f"Generator got unexpected arguments {sorted(removed)}")
 
 
 def _check_blocks(key: str, blocks: Sequence[int], depth: int) -> None:

@@ -47,4 +47,6 @@ def artefact_dir(kind: str, config: Mapping[str, Any], root: str | os.PathLike |
 
 def write_config(directory: Path, config: Mapping[str, Any]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "config.json").write_text(json.dumps(to_plain(config), indent=2, sort_keys=True, default=str))
+    (directory / "config.json").write_text(
+        json.dumps(to_plain(config), indent=2, sort_keys=True, default=str)
+    )

@@ -72,12 +72,9 @@ def discriminator_score(module) -> Score:
     """A trained GALIP D's logit for the image paired with each caption (real-image input, as in L_D)."""
 
     def score(image: torch.Tensor, captions: list[str]) -> torch.Tensor:
-        x, embedding = module.real_inputs(image)
+        x = module.real_taps(image)
         sent = module.clip.encode_text(module.clip.tokenize(captions))
-        if embedding is not None:
-            embedding = embedding.expand(len(captions), -1)
-        features = module.discriminator.features(x.expand(len(captions), *x.shape[1:]))
-        return module.d_logits(features, sent, embedding).flatten()
+        return module.discriminator(x.expand(len(captions), *x.shape[1:]), sent).flatten()
 
     return score
 

@@ -16,7 +16,9 @@ from galip.world.judge import DEFAULT_TRAIN_CONFIG
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m galip.world.train_judge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m galip.world.train_judge", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--out", type=Path, default=None, help="judge file (default: the config-keyed cache)")
     parser.add_argument("--steps", type=int, default=None, help=f"default {DEFAULT_TRAIN_CONFIG['steps']}")
     parser.add_argument("--seed", type=int, default=None, help=f"default {DEFAULT_TRAIN_CONFIG['seed']}")
