@@ -26,8 +26,8 @@ demo: install ## GALIP on the embedded shapes world, CPU, ~15 min: grids, judge 
 smoke: install ## a few training steps with a tiny random CLIP (plumbing check, ~10 s)
 	$(PY) -m galip.train +experiment=smoke
 
-test: install ## the default test suite (no slow tests, no network)
-	$(PY) -m pytest
+test: install ## the default test suite (no slow tests, no network); the slowest tests are listed
+	$(PY) -m pytest --durations=15
 
 test-slow: install ## only the tests marked slow
 	$(PY) -m pytest -m slow

@@ -268,10 +268,11 @@ def test_training_on_a_corrupt_shard_logs_data_skipped(tmp_path, compose):
             "data.batch_size=2",
             "data.shuffle_buffer=0",
             "data.epoch_samples=16",
+            "kimg=null",
             "trainer.max_epochs=1",
             "trainer.log_every_n_steps=1",
-            "callbacks.sample_grid.every_n_batches=0",
-            "callbacks.checkpoint.every_n_train_steps=null",
+            "callbacks.sample_grid.every_n_kimg=0",
+            "callbacks.checkpoint.every_n_kimg=null",
         ]
     )
     metrics = train(cfg)

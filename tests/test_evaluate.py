@@ -255,12 +255,12 @@ TRAIN_OVERRIDES = [
     "+experiment=demo",  # with the judge's periodic evaluation
     "callbacks.evaluation.every_n_kimg=0.016",  # batches of 8: after batches 2 and 4
     "callbacks.evaluation.evaluators.judge.n_samples=8",
-    "callbacks.sample_grid.every_n_batches=0",
+    "callbacks.sample_grid.every_n_kimg=0",
     "data.shards=null",
     "data.n_train=32",
     "data.n_val=16",
     "data.batch_size=8",
-    "trainer.max_steps=8",  # optimizer steps: 4 batches
+    "kimg=0.032",  # 4 batches of 8
     "logger=csv",
     "trainer.log_every_n_steps=1",
 ]

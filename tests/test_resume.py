@@ -18,17 +18,17 @@ from galip.config import ConfigError
 from galip.train import train
 from tests.helpers import compose_config
 
-# 32 samples / batch 4 = 8 batches per epoch; the checkpoint at optimizer step 6 is batch 3, mid-epoch;
-# 20 optimizer steps = 10 batches, so the resumed run also crosses into the next epoch.
+# 32 samples / batch 4 = 8 batches per epoch; the checkpoint every 0.012 kimg is batch 3 (optimizer step 6),
+# mid-epoch; 0.04 kimg = 10 batches (20 optimizer steps), so the resumed run also crosses into the next epoch.
 RUN = [
     "+experiment=smoke",
     "data.n_train=32",
     "data.batch_size=4",
     "trainer.limit_train_batches=null",
-    "trainer.max_epochs=-1",
-    "trainer.max_steps=20",
-    "callbacks.checkpoint.every_n_train_steps=6",
-    "callbacks.status.every_n_batches=2",
+    "kimg=0.04",
+    "trainer.max_epochs=-1",  # the smoke experiment counts epochs; the run length is kimg here
+    "callbacks.checkpoint.every_n_kimg=0.012",
+    "callbacks.status.every_n_kimg=0.008",
 ]
 
 
@@ -150,7 +150,7 @@ def test_offline_wandb_run_has_the_logged_keys_and_is_finished(tmp_path, monkeyp
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     out = tmp_path / "wb"
-    run(out, "logger=wandb", "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=2")
+    run(out, "logger=wandb", "kimg=0.008", "callbacks.checkpoint.every_n_kimg=0.004")
     assert wandb.run is None, "the run is finished when training returns"
     records = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(records) == 1

@@ -417,3 +417,32 @@ def test_run_block_can_be_switched_off(tiny_clip, monkeypatch):
         assert run_block(block, x) is x and seen == [x]
     finally:
         set_gemm_attention(True)
+
+
+def test_every_block_of_the_papers_clip_takes_the_fast_path(vitb32_clip, tiny_clip, recwarn):
+    """The fast attention path computes open_clip's block layout itself: an open_clip whose blocks differ
+    must fail here (and FrozenCLIP warns at load time), not fall back silently in every run."""
+    for clip in (vitb32_clip, tiny_clip):
+        assert all(_is_plain(block) for block in clip.visual.transformer.resblocks)
+    assert not [w for w in recwarn if "fast attention path" in str(w.message)]
+
+
+def test_a_clip_off_the_fast_path_is_announced(tiny_clip):
+    import copy
+
+    from galip.clip import FrozenCLIP
+
+    model = copy.deepcopy(tiny_clip.model)
+    model.visual.transformer.resblocks[2].ln_1_kv = torch.nn.Identity()  # a cross-attention block: not plain
+    with pytest.warns(UserWarning, match=r"CLIP blocks \[2\] .* without galip's fast attention path"):
+        FrozenCLIP(model)
+
+
+@pytest.mark.gpu
+def test_one_training_step_on_cuda_in_bf16_is_finite(tiny_clip):
+    """The same step on a GPU under bf16 autocast: finite losses and the fp32 MAGP (runs where CUDA is)."""
+    module = speed.build_module("tiny", torch.device("cuda"), speed.DEFAULT_LEVERS)
+    batch = speed.make_batch(module, 4, torch.device("cuda"))
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = speed.case_fn("step", module, batch, speed.DEFAULT_LEVERS)()
+    assert all(torch.isfinite(torch.as_tensor(v)).all() for v in losses.values())

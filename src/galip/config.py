@@ -94,7 +94,14 @@ def _renamed(old: str, new: str):
 # Checks
 # ---------------------------------------------------------------------------------------------
 def validate(cfg: DictConfig) -> None:
-    """Tap and prompt blocks must exist in the CLIP (depth read from its config, no weights built)."""
+    """Tap and prompt blocks must exist in the CLIP (depth read from its config, no weights built); the run
+    length is given once."""
+    for key in ("max_steps", "max_epochs"):
+        if cfg.get("kimg") and cfg.trainer.get(key, -1) not in (-1, None):
+            raise ConfigError(
+                f"kimg={cfg.kimg} and trainer.{key}={cfg.trainer[key]} both set the run length: give one "
+                f"(kimg=null to count in {'optimizer steps, two per batch' if key == 'max_steps' else 'epochs'})"
+            )
     depth = config_depth(cfg.clip.get("name"), cfg.clip.get("model_cfg"))
     _check_indices("model.tap_blocks", cfg.model.tap_blocks, depth, allow_empty=False)
     _check_indices("model.generator.prompt_blocks", cfg.model.generator.get("prompt_blocks", []), depth)

@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from galip.callbacks.schedule import set_run_length
 from galip.checkpoints import export_generator
 from galip.clip import FrozenCLIP
 from galip.config import ConfigError, normalize_slot_overrides, register_resolvers, validate
@@ -47,6 +48,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     module.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks, loggers = instantiate_group(cfg.get("callbacks")), instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    if cfg.get("kimg"):
+        steps = set_run_length(trainer, cfg.kimg, cfg.data.batch_size)
+        log.info(f"run length: {cfg.kimg} kimg = {steps // 2} batches of {cfg.data.batch_size} per rank")
     try:
         log_hyperparameters(cfg, module, trainer)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

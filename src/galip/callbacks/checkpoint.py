@@ -1,20 +1,39 @@
-"""Lightning's ModelCheckpoint, plus a final ``last.ckpt`` when training stops between save points."""
+"""Lightning's ModelCheckpoint, saving every N kimg, plus a final ``last.ckpt`` when training stops between
+save points."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from galip.callbacks.schedule import kimg_due
+
 
 class Checkpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` that also writes ``last.ckpt`` at the end of training.
+    """``ModelCheckpoint`` that saves every ``every_n_kimg`` thousand images seen (over all ranks) and also
+    writes ``last.ckpt`` at the end of training.
 
-    With ``every_n_train_steps`` and a ``max_steps`` that is not a multiple of it, Lightning's callback
-    leaves ``last.ckpt`` at the previous save point, and the final steps (and the state a resume needs)
-    would be lost.
+    Lightning's own period keys (``every_n_train_steps`` counts optimizer steps, two per batch here) still
+    work; the configs use kimg, like every other schedule. A run that stops between save points would
+    otherwise leave ``last.ckpt`` at the previous one, and the final steps (and the state a resume needs) lost.
     """
+
+    def __init__(self, *args: Any, every_n_kimg: float | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.every_n_kimg = every_n_kimg
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not kimg_due(trainer, pl_module, batch, self.every_n_kimg) or self._should_skip_saving_checkpoint(
+            trainer
+        ):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

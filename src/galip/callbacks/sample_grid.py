@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from torchvision.utils import save_image
 
-from galip.callbacks.schedule import due
+from galip.callbacks.schedule import kimg_due, renamed_to_kimg
 
 DEFAULT_CAPTIONS = (
     "a small red circle on a grey background",
@@ -20,13 +20,13 @@ DEFAULT_CAPTIONS = (
 
 
 class SampleGrid(L.Callback):
-    """Writes ``<dirpath>/step_XXXXXXX.png`` (rows = captions, columns = fixed noises) every N batches and at the end.
+    """Writes ``<dirpath>/step_XXXXXXX.png`` (rows = captions, columns = fixed noises) every N kimg and at the end.
 
     Args:
         dirpath: where the PNGs go (the Hydra run directory's ``samples/`` by default).
         captions: fixed captions; ``None`` takes them from the first validation batch, else the defaults.
         n_per_caption: columns (noise vectors) per caption.
-        every_n_batches: 0 writes only at the end of training.
+        every_n_kimg: thousands of images between grids; 0 writes only at the end of training.
         seed: seed of the fixed noise.
     """
 
@@ -35,18 +35,16 @@ class SampleGrid(L.Callback):
         dirpath: str | Path,
         captions: Sequence[str] | None = None,
         n_per_caption: int = 4,
-        every_n_batches: int = 0,
+        every_n_kimg: float = 0,
         seed: int = 0,
         max_captions: int = 8,
+        **removed,
     ):
+        renamed_to_kimg("SampleGrid", removed)
         self.dirpath = Path(dirpath)
         self.captions = list(captions) if captions else None
-        self.n_per_caption, self.every_n_batches, self.seed, self.max_captions = (
-            n_per_caption,
-            every_n_batches,
-            seed,
-            max_captions,
-        )
+        self.n_per_caption, self.every_n_kimg = n_per_caption, every_n_kimg
+        self.seed, self.max_captions = seed, max_captions
         self.last_path: Path | None = None
 
     def fixed_captions(self, trainer: L.Trainer) -> list[str]:
@@ -72,7 +70,7 @@ class SampleGrid(L.Callback):
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if due(trainer, self.every_n_batches) and trainer.is_global_zero:
+        if kimg_due(trainer, pl_module, batch, self.every_n_kimg) and trainer.is_global_zero:
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:

@@ -12,23 +12,24 @@ from typing import Any
 import lightning as L
 import torch
 
-from galip.callbacks.schedule import batches_done, due
+from galip.callbacks.schedule import batches_done, kimg_due, renamed_to_kimg
 
 SHOWN = ("d/loss", "g/loss", "d/magp", "g/sim")
 
 
 class TrainingStatus(L.Callback):
-    """Every N batches: print ``kimg … s/kimg … img/s … losses … mem`` and append the same as JSON.
+    """Every N kimg: print ``kimg … s/kimg … img/s … losses … mem`` and append the same as JSON.
 
     Logs ``perf/images_per_s`` and ``perf/s_per_kimg`` too, so dashboards show throughput.
 
     Args:
         dirpath: where ``stats.jsonl`` goes (the checkpoint folder by default).
-        every_n_batches: the tick; 0 disables the callback.
+        every_n_kimg: the tick, in thousands of images; 0 disables the callback.
     """
 
-    def __init__(self, dirpath: str | Path, every_n_batches: int = 50):
-        self.dirpath, self.every_n_batches = Path(dirpath), every_n_batches
+    def __init__(self, dirpath: str | Path, every_n_kimg: float = 20, **removed):
+        renamed_to_kimg("TrainingStatus", removed)
+        self.dirpath, self.every_n_kimg = Path(dirpath), every_n_kimg
         self._t0: float | None = None
         self._images0 = 0
 
@@ -36,7 +37,7 @@ class TrainingStatus(L.Callback):
         self._t0, self._images0 = time.perf_counter(), getattr(pl_module, "images_seen", 0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if not due(trainer, self.every_n_batches) or self._t0 is None:
+        if not kimg_due(trainer, pl_module, batch, self.every_n_kimg) or self._t0 is None:
             return
         stats = self.tick(trainer, pl_module)
         pl_module.log_dict(

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from galip.clip import mapper, taps
+from galip.clip import blocks, mapper, taps
 
 # Keys of an OpenAI state dict that are metadata, not tensors of the model (open_clip rejects them).
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -229,6 +230,18 @@ def _to_plain(cfg: Mapping) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _warn_if_off_the_fast_path(visual: nn.Module) -> None:
+    """Say so when open_clip's block layout is not the one `blocks.run_block` computes itself: the blocks then
+    run through their own forward, correct but slower (tests/test_speed_levers.py fails on such an open_clip)."""
+    slow = [i for i, block in enumerate(visual.transformer.resblocks) if not blocks._is_plain(block)]
+    if slow:
+        warnings.warn(
+            f"CLIP blocks {slow} are not open_clip's plain ResidualAttentionBlock (open_clip "
+            f"{open_clip.__version__}): they run through their own forward, without galip's fast attention path",
+            stacklevel=3,
+        )
+
+
 def resize_square(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
     """Images [B, C, H, W] -> [B, C, size, size] (unchanged if already that size); antialiased for
     bilinear/bicubic, so a CLIP that reads a smaller image than G draws sees an area-weighted downsample."""
@@ -264,6 +277,7 @@ class FrozenCLIP(nn.Module):
             image_size=visual.image_size[0],
             context_length=model.context_length,
         )
+        _warn_if_off_the_fast_path(visual)
         self._tokenizer = (
             open_clip.get_tokenizer(tokenizer_name)
             if tokenizer_name
