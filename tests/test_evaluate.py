@@ -26,7 +26,7 @@ from galip.metrics.reference import (
     save_reference,
     seed_fid,
 )
-from tests.helpers import compose_config
+from tests.helpers import compose_config, run_module
 
 
 class MeanColour(nn.Module):
@@ -303,12 +303,8 @@ def test_periodic_evaluation_writes_best_next_to_last(trained_run):
     assert "eval/judge/fd" in logged and "eval/best" in logged
 
 
-def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
+def run_cli(module: str, args: list[str], cwd: Path):
+    return run_module(module, args, cwd, timeout=600, OMP_NUM_THREADS="1")
 
 
 def test_evaluate_end_to_end_on_the_embedded_world(trained_run):

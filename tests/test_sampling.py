@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +21,7 @@ from galip.sampling import (
     save_singles,
     slerp,
 )
-from tests.helpers import CONF_DIR, TINY_CLIP_CFG
+from tests.helpers import CONF_DIR, TINY_CLIP_CFG, run_module
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
 SIZE = 64  # the tiny CLIP's input size, hence the generator's output size
@@ -198,22 +195,9 @@ def test_save_grid_and_singles(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
 def test_sample_cli(export_path, tmp_path):
     out = tmp_path / "samples"
-    proc = run_cli(
+    proc = run_module(
         "galip.sample", [f"ckpt={export_path}", 'prompts=["a","b"]', "n=2", f"out_dir={out}"], tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -235,7 +219,7 @@ def test_sample_cli(export_path, tmp_path):
 
 def test_sample_cli_missing_checkpoint(tmp_path):
     missing = tmp_path / "nope.safetensors"
-    proc = run_cli("galip.sample", [f"ckpt={missing}", f"out_dir={tmp_path / 'out'}"], tmp_path)
+    proc = run_module("galip.sample", [f"ckpt={missing}", f"out_dir={tmp_path / 'out'}"], tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -247,7 +231,7 @@ def test_sample_cli_missing_checkpoint(tmp_path):
 def test_interpolate_cli(export_path, tmp_path):
     out = tmp_path / "interp"
     args = [f"ckpt={export_path}", 'prompts=["a red circle","a blue square"]', "steps=3", f"out_dir={out}"]
-    proc = run_cli("galip.interpolate", args, tmp_path)
+    proc = run_module("galip.interpolate", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["grid.png", "interpolation.gif"]
     with Image.open(out / "grid.png") as im:

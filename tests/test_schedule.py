@@ -63,3 +63,25 @@ def test_every_n_batches_of_earlier_releases_names_every_n_kimg(tmp_path):
         TrainingStatus(tmp_path, every_n_batches=50)
     with pytest.raises(TypeError, match="unexpected arguments"):
         SampleGrid(tmp_path, every_n_minutes=5)
+
+
+def test_checkpoints_every_n_kimg_and_not_at_every_epoch_end(tmp_path):
+    """The demo's 10,000-scene epochs end mid-period: only the kimg marks (and last.ckpt) are saved."""
+    from galip.config import compose
+    from galip.train import train
+
+    cfg = compose(
+        "train",
+        [
+            "+experiment=smoke",
+            "data.n_train=12",  # 3 batches of 4 per epoch: epochs end at 12, 24, 36 images
+            "trainer.limit_train_batches=null",
+            "trainer.max_epochs=-1",
+            "kimg=0.04",
+            "callbacks.checkpoint.every_n_kimg=0.016",  # 4 batches: at 16 and 32 images
+            f"paths.output_dir={tmp_path}",
+        ],
+    )
+    train(cfg)
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
+    assert saved == ["last.ckpt", "step0000008.ckpt", "step0000016.ckpt"]

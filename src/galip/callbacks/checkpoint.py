@@ -22,6 +22,8 @@ class Checkpoint(ModelCheckpoint):
     """
 
     def __init__(self, *args: Any, every_n_kimg: float | None = None, **kwargs: Any):
+        if every_n_kimg:  # the kimg period is the only one: no save at every epoch's end, Lightning's default
+            kwargs.setdefault("every_n_epochs", 0)
         super().__init__(*args, **kwargs)
         self.every_n_kimg = every_n_kimg
 
