@@ -21,6 +21,7 @@ from galip.checkpoints import build_generator
 from galip.clip import FrozenCLIP
 from galip.config import register_resolvers
 from galip.models import Generator
+from galip.models.generator import EXECUTION_KEYS
 from galip.module import GALIPModule
 
 EXPORT = "generator.safetensors"
@@ -42,7 +43,6 @@ def build_module(cfg: DictConfig, clip: FrozenCLIP) -> GALIPModule:
 # Keys of earlier releases' run configs: options removed with their default value (dropped), and G's speed
 # switches, now fields of model.generator.execution.
 _REMOVED = {"hard_negatives": None, "generator.code_input": "noise", "discriminator.embedding_head": False}
-_EXECUTION_KEYS = ("batched_affines", "fused_fusion", "folded_upsample", "rgb_channels_last")
 
 
 def upgraded(model: DictConfig) -> DictConfig:
@@ -59,7 +59,7 @@ def upgraded(model: DictConfig) -> DictConfig:
                 if parent[key] != off:
                     raise ValueError(f"model.{dotted}={parent[key]} was removed (it measured no gain)")
                 parent.pop(key)
-        levers = {k: model.generator.pop(k) for k in _EXECUTION_KEYS if k in model.generator}
+        levers = {k: model.generator.pop(k) for k in EXECUTION_KEYS if k in model.generator}
         if levers:
             model.generator.execution = levers
     return model

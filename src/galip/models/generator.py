@@ -147,7 +147,7 @@ class Execution:
 
 
 # Per-lever keys of earlier releases, now fields of `Execution`.
-_EXECUTION_KEYS = frozenset(asdict(Execution()))
+EXECUTION_KEYS = tuple(asdict(Execution()))
 
 
 class Generator(nn.Module):
@@ -247,7 +247,7 @@ def _refuse_removed(removed: Mapping) -> None:
     """Keys of earlier releases: one line naming what replaced each."""
     if not removed:
         return
-    levers = sorted(set(removed) & _EXECUTION_KEYS)
+    levers = sorted(set(removed) & set(EXECUTION_KEYS))
     if levers:
         raise TypeError(
             f"Generator: {levers} are now fields of one setting, execution: 'fast' | 'official' | "
