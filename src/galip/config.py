@@ -66,9 +66,9 @@ def call(target: str, *args: Any) -> Any:
 
 # Resolver names of earlier releases -> their spelling now (a config that still uses one gets this line).
 RENAMED_RESOLVERS = {
-    "galip.shapes_clip": "${galip.call:galip.world.shapes_clip[,patch_size,'override',…]}",
+    "galip.shapes_clip": "${galip.call:galip.world.shapes_clip[,experiment,'override',…]}",
     "galip.judge": "${galip.call:galip.world.judge_file}",
-    "galip.shapes_shards": "${galip.call:galip.world.shapes_shards,n_train,n_val,size,seed[,max_objects]}",
+    "galip.shapes_shards": "${galip.call:galip.world.shapes_shards,n_train,n_val,size,seed[,world]}",
 }
 
 

@@ -1,6 +1,6 @@
 """``python -m galip.sample ckpt=generator.safetensors prompts='["a bird", …]' n=8 seed=0``.
 
-Writes ``<out_dir>/grid.png`` (one row per prompt) and ``<out_dir>/<prompt index>_<i>.png``.
+Writes ``<out_dir>/grid.png`` (one row per prompt, the prompt beside it) and ``<out_dir>/<prompt index>_<i>.png``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def sample(cfg: DictConfig) -> Path:
     prompts = list(cfg.prompts)
     images = sampler.generate(prompts, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size)
     out = Path(cfg.out_dir)
-    grid = save_grid(images, out / "grid.png", nrow=cfg.n)
+    grid = save_grid(images, out / "grid.png", nrow=cfg.n, row_labels=prompts)
     for p, chunk in enumerate(images.split(cfg.n)):
         save_singles(chunk, out, stem=f"{p:03d}")
     (out / "prompts.txt").write_text("\n".join(prompts) + "\n")

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torchvision.utils import save_image
+from PIL import Image, ImageDraw, ImageFont
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid, save_image
 
 from galip.loading import load_generator
 from galip.models import Generator
@@ -62,10 +64,31 @@ class Sampler:
         return self.from_vectors(sent, self.noise(len(prompts) * n, seed), batch_size)
 
 
-def save_grid(images: torch.Tensor, path: str | Path, nrow: int) -> Path:
+def save_grid(
+    images: torch.Tensor, path: str | Path, nrow: int, row_labels: Sequence[str] | None = None
+) -> Path:
+    """Images in [-1, 1] as a PNG grid of ``nrow`` columns; ``row_labels`` (e.g. the captions) are written to
+    the left of their rows, and images smaller than 64 px are enlarged (nearest) so the text stays legible."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1))
+    if not row_labels:
+        save_image(images, path, nrow=nrow, normalize=True, value_range=(-1, 1))
+        return path
+    rows = -(-len(images) // nrow)
+    if len(row_labels) != rows:
+        raise ValueError(f"{len(row_labels)} row labels for {rows} rows")
+    scale = max(1, 64 // images.shape[-1])
+    grid = make_grid(images.float().cpu(), nrow=nrow, normalize=True, value_range=(-1, 1))
+    picture = to_pil_image(grid).resize((grid.shape[2] * scale, grid.shape[1] * scale), Image.NEAREST)
+    font = ImageFont.load_default()
+    margin = 8
+    text_width = max(int(font.getlength(label)) for label in row_labels) + 2 * margin
+    canvas = Image.new("RGB", (text_width + picture.width, picture.height), "white")
+    canvas.paste(picture, (text_width, 0))
+    draw, row_height = ImageDraw.Draw(canvas), picture.height / rows
+    for i, label in enumerate(row_labels):
+        draw.text((margin, (i + 0.5) * row_height), label, fill="black", font=font, anchor="lm")
+    canvas.save(path)
     return path
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torchvision.utils import save_image
 
 from galip.callbacks.schedule import kimg_due, renamed_to_kimg
+from galip.sampling import save_grid
 
 DEFAULT_CAPTIONS = (
     "a small red circle on a grey background",
@@ -20,7 +20,8 @@ DEFAULT_CAPTIONS = (
 
 
 class SampleGrid(L.Callback):
-    """Writes ``<dirpath>/step_XXXXXXX.png`` (rows = captions, columns = fixed noises) every N kimg and at the end.
+    """Writes ``<dirpath>/step_XXXXXXX.png`` (rows = captions, written beside them; columns = fixed noises)
+    every N kimg and at the end.
 
     Args:
         dirpath: where the PNGs go (the Hydra run directory's ``samples/`` by default).
@@ -64,7 +65,7 @@ class SampleGrid(L.Callback):
         images = module.generate(rows, self.fixed_noise(len(captions), module.generator.nz))
         self.dirpath.mkdir(parents=True, exist_ok=True)
         path = self.dirpath / f"step_{trainer.global_step:07d}.png"
-        save_image(images.float().cpu(), path, nrow=self.n_per_caption, normalize=True, value_range=(-1, 1))
+        save_grid(images.float().cpu(), path, self.n_per_caption, row_labels=captions)
         (self.dirpath / "captions.txt").write_text("\n".join(captions) + "\n")
         self.last_path = path
         return path

@@ -14,7 +14,7 @@ and values computed by ``${galip.call:galip.world.<function>}`` (`artefacts`).
 
 from galip.world.artefacts import ensure_judge, ensure_shapes_shards, judge_file, shapes_clip, shapes_shards
 from galip.world.evaluator import JudgeEvaluator
-from galip.world.scenes import ShapesDataModule, ShapesWorld, shape_swap
+from galip.world.scenes import ShapesDataModule, ShapesWorld, World
 
 __all__ = [
     "JudgeEvaluator",
@@ -23,7 +23,7 @@ __all__ = [
     "ensure_judge",
     "ensure_shapes_shards",
     "judge_file",
-    "shape_swap",
+    "World",
     "shapes_clip",
     "shapes_shards",
 ]

@@ -6,37 +6,42 @@ when they are not cached yet (or shipped in ``galip/world/assets``), then trains
 
     shards: ${galip.call:galip.world.shapes_shards,${data.n_train},${data.n_val},${data.image_size},${data.seed}}
     path: ${galip.call:galip.world.shapes_clip}                  # clip=shapes
-    path: ${galip.call:galip.world.shapes_clip,4,'optim.steps=600'}   # another patch size, more steps
+    path: ${galip.call:galip.world.shapes_clip,shapes_demo_clip}     # clip=shapes_demo
     judge_path: ${galip.call:galip.world.judge_file}
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from galip.clip import FrozenCLIP, load_clip
-from galip.config import CONF_DIR
+from galip.config import CONF_DIR, compose
 from galip.world.cache import artefact_dir, write_config
 from galip.world.judge import DEFAULT_TRAIN_CONFIG, JUDGE_FORMAT, save_judge, train_judge
-from galip.world.scenes import write_shapes_shards
+from galip.world.scenes import World, write_shapes_shards
 from galip.world.tiny_clip import ensure_shapes_clip
 
 
 def ensure_shapes_shards(
-    n_train: int = 10_000, n_val: int = 512, image_size: int = 64, seed: int = 0, max_objects: int = 3
+    n_train: int = 10_000,
+    n_val: int = 512,
+    image_size: int = 64,
+    seed: int = 0,
+    world: World | Mapping[str, Any] | None = None,
 ) -> Path:
-    """A directory of PNG WebDataset shards of the shapes world (train and val), written if missing.
+    """A directory of PNG WebDataset shards of a shapes world (train and val), written if missing.
 
-    ``max_objects`` < 3: scenes of at most that many objects (keyed only then, so the whole world's shard
-    sets keep their keys)."""
+    ``world``: a `World` or its fields; ``None`` is the full world (keyed only when it is another, so the full
+    world's shard sets keep their keys)."""
+    world = World.from_config(world)
     config = {"n_train": n_train, "n_val": n_val, "image_size": image_size, "seed": seed, "format": 1}
-    if max_objects != 3:
-        config["max_objects"] = max_objects
+    if not world.is_full:
+        config["world"] = world.key()
     directory = artefact_dir("shards", config)
     if not (directory / "config.json").is_file():
         print(f"shapes world: writing {n_train} + {n_val} scenes to {directory}", flush=True)
@@ -45,29 +50,41 @@ def ensure_shapes_shards(
             {"train": n_train, "val": n_val},
             seed=seed,
             image_size=image_size,
-            max_objects=max_objects,
+            world=world,
         )
         write_config(directory, config)  # last: its presence means the shard set is complete
     return directory
 
 
-def shapes_shards(n_train, n_val, image_size, seed, max_objects=3) -> str:
+def shapes_shards(n_train, n_val, image_size, seed, world=None) -> str:
     """`ensure_shapes_shards` for a config value (the resolver passes numbers as they are written)."""
-    return str(ensure_shapes_shards(int(n_train), int(n_val), int(image_size), int(seed), int(max_objects)))
+    return str(ensure_shapes_shards(int(n_train), int(n_val), int(image_size), int(seed), world))
 
 
-def shapes_clip(patch_size: int | str | None = None, *overrides: str) -> str:
-    """The shapes CLIP of ``+experiment=shapes_clip`` (``patch_size``: that experiment with another patch size,
-    e.g. 4 for clip=shapes_p4; ``overrides``: further pretraining overrides such as ``optim.steps=600``)."""
-    extra = [str(o) for o in overrides]
-    if patch_size not in (None, ""):
-        extra.insert(0, f"clip.model_cfg.vision_cfg.patch_size={int(patch_size)}")
-    return str(ensure_shapes_clip(extra or None))
+def shapes_clip(experiment: str = "shapes_clip", *overrides: str) -> str:
+    """The shapes CLIP of ``python -m galip.world.pretrain_clip +experiment=<experiment> <overrides>``: shipped,
+    cached, or pretrained now (e.g. ``shapes_demo_clip`` for clip=shapes_demo)."""
+    return str(ensure_shapes_clip([f"experiment={experiment}", *(str(o) for o in overrides)]))
 
 
-def judge_file() -> str:
-    """The judge of the default training config, trained first if missing."""
-    return str(ensure_judge())
+def data_world(data: str = "shapes", overrides: Sequence[str] = ()) -> tuple[World, int]:
+    """The world and image size of a ``data=`` preset of the training config (e.g. ``shapes_demo``)."""
+    cfg = compose("train", [f"data={data}", *overrides])
+    return World.from_config(cfg.data.get("world")), int(cfg.data.image_size)
+
+
+def judge_file(world=None, image_size=64) -> str:
+    """The judge of a world (default: the full one) at the data's image size, trained first if missing."""
+    return str(ensure_judge(world_judge_config(world, int(image_size))))
+
+
+def world_judge_config(world=None, image_size: int = 64) -> dict[str, Any]:
+    """The judge training overrides for ``world`` read at ``image_size`` (``{}``: the full world's default judge)."""
+    world = World.from_config(world)
+    config: dict[str, Any] = {} if world.is_full else {"world": world.key()}
+    if image_size != DEFAULT_TRAIN_CONFIG["image_size"]:
+        config["image_size"] = image_size
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -78,10 +95,16 @@ JUDGE_FILE = "judge.pt"
 
 def judge_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The full training config (defaults + overrides); with the file format it keys the cache."""
-    unknown = set(config or {}) - set(DEFAULT_TRAIN_CONFIG)
+    known = {*DEFAULT_TRAIN_CONFIG, "world"}
+    unknown = set(config or {}) - known
     if unknown:
-        raise KeyError(f"unknown judge config keys {sorted(unknown)}; known: {sorted(DEFAULT_TRAIN_CONFIG)}")
-    return {**DEFAULT_TRAIN_CONFIG, **(config or {}), "format": JUDGE_FORMAT}
+        raise KeyError(f"unknown judge config keys {sorted(unknown)}; known: {sorted(known)}")
+    config = dict(config or {})
+    if "world" in config and World.from_config(config["world"]).is_full:
+        del config["world"]  # the full world is the default: its judges keep their keys
+    elif "world" in config:
+        config["world"] = World.from_config(config["world"]).key()
+    return {**DEFAULT_TRAIN_CONFIG, **config, "format": JUDGE_FORMAT}
 
 
 def cached_judge_path(config: Mapping[str, Any] | None = None) -> Path:

@@ -4,12 +4,14 @@ both run it, so the numbers logged during training and those printed after it ar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from galip.metrics.protocol import Subject
-from galip.world.artefacts import ensure_judge
+from galip.world.artefacts import ensure_judge, world_judge_config
 from galip.world.judge import Judge, evaluate_generator, load_judge
-from galip.world.scenes import ShapesWorld
+from galip.world.scenes import ShapesWorld, World
 
 
 class JudgeEvaluator:
@@ -19,8 +21,8 @@ class JudgeEvaluator:
         judge_path: a ``judge.pt`` (`galip.world.train_judge`); ``None``: the default judge, trained on first use.
         n_samples: scenes judged (one image each, the same noise every time: ``seed``).
         batch_size: generation batch size.
-        split, world_seed, image_size, max_objects: the scenes whose captions condition G (the data's
-            ``max_objects``, so a run is judged on the kind of scene it trains on).
+        split, world_seed, image_size, world: the scenes whose captions condition G (the data's world, so a
+            run is judged on the kind of scene it trains on; the judge must have been trained on it).
     """
 
     def __init__(
@@ -32,17 +34,23 @@ class JudgeEvaluator:
         world_seed: int = 0,
         image_size: int = 64,
         seed: int = 0,
-        max_objects: int = 3,
+        world: World | Mapping[str, Any] | None = None,
     ):
         self.judge_path, self.n_samples, self.batch_size, self.seed = judge_path, n_samples, batch_size, seed
-        self.world = ShapesWorld(world_seed, split, n_samples, image_size, max_objects)
+        self.world = ShapesWorld(world_seed, split, n_samples, image_size, world)
         self._judge: Judge | None = None
 
     def judge(self) -> Judge:
         if self._judge is None:
             if self.judge_path is None:
-                self.judge_path = ensure_judge()  # trains on first use when nothing is cached
-            self._judge = load_judge(self.judge_path)
+                self.judge_path = ensure_judge(world_judge_config(self.world.world, self.world.image_size))
+            judge = load_judge(self.judge_path)
+            if judge.world != self.world.world:
+                raise ValueError(
+                    f"the judge at {self.judge_path} reads another world than the one judged "
+                    f"({judge.world.key() or 'the full world'} vs {self.world.world.key() or 'the full world'})"
+                )
+            self._judge = judge
         return self._judge
 
     def __call__(self, subject: Subject) -> dict[str, float]:

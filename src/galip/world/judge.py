@@ -26,29 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from galip.metrics.fid import FrechetDistance
-from galip.world.scenes import (
-    BACKGROUND_NAMES,
-    COLOUR_NAMES,
-    MAX_OBJECTS,
-    POSITION_NAMES,
-    SHAPES,
-    SIZE_NAMES,
-    ShapesWorld,
-)
+from galip.world.scenes import FULL_WORLD, SLOT_ATTRIBUTES, ShapesWorld, World
 
 # ---------------------------------------------------------------------------------------------------------
-# Vocabulary: what each head predicts (class ids are indices into these tuples, as in `Scene.labels()`)
+# Heads: what each predicts is the world's vocabulary (`World.vocab`; class ids as in `Scene.labels()`)
 # ---------------------------------------------------------------------------------------------------------
-ATTRIBUTES = ("shape", "colour", "size", "position")  # per object slot; judge/acc averages these four
-VOCAB: dict[str, tuple[str, ...]] = {
-    "shape": SHAPES,
-    "colour": COLOUR_NAMES,
-    "size": SIZE_NAMES,
-    "position": POSITION_NAMES,
-    "background": BACKGROUND_NAMES,
-    # ids are counts; 0 never occurs in the world but keeps id == count
-    "n_objects": tuple(str(n) for n in range(MAX_OBJECTS + 1)),
-}
+ATTRIBUTES = SLOT_ATTRIBUTES  # per object slot; judge/acc averages those the world's captions name
+VOCAB = FULL_WORLD.vocab()  # the full world's
 SCENE_HEADS = ("background", "n_objects")  # one prediction per image
 EMPTY = -1  # label of an empty slot; cross-entropy's ignore_index
 JUDGE_FORMAT = 1  # bump when the file layout of judge.pt changes
@@ -69,7 +53,8 @@ class Judge(nn.Module):
         depth: 3x3 conv + BatchNorm + ReLU layers per stage.
         hidden_dim: width of the hidden layer between the flattened conv map and the features.
         feature_dim: size of the penultimate layer, the feature space of judge-FD.
-        slots: object slots (the world's ``MAX_OBJECTS``).
+        slots: object slots (``world.max_objects`` when ``None``).
+        world: the `World` (or a mapping of its fields) whose scenes it reads; ``None``: the full world.
     """
 
     def __init__(
@@ -77,11 +62,15 @@ class Judge(nn.Module):
         image_size: int = 64,
         widths: Sequence[int] = (16, 32, 64, 128),
         feature_dim: int = 128,
-        slots: int = MAX_OBJECTS,
+        slots: int | None = None,
         depth: int = 1,
         hidden_dim: int = 256,
+        world: World | Mapping[str, Any] | None = None,
     ):
         super().__init__()
+        self.world = World.from_config(world)
+        self.vocab = self.world.vocab()
+        slots = self.world.max_objects if slots is None else slots
         self.image_size, self.widths, self.depth = image_size, tuple(widths), depth
         self.hidden_dim, self.feature_dim, self.slots = hidden_dim, feature_dim, slots
         stages, in_ch = [], 3
@@ -103,7 +92,7 @@ class Judge(nn.Module):
         )
 
     def n_outputs(self, head: str) -> int:
-        return len(VOCAB[head]) * (self.slots if head in ATTRIBUTES else 1)
+        return len(self.vocab[head]) * (self.slots if head in ATTRIBUTES else 1)
 
     @property
     def config(self) -> dict[str, Any]:
@@ -114,7 +103,7 @@ class Judge(nn.Module):
             "slots": self.slots,
             "depth": self.depth,
             "hidden_dim": self.hidden_dim,
-        }
+        } | ({} if self.world.is_full else {"world": self.world.as_config()})
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         images = images.float()
@@ -160,15 +149,19 @@ def judge_loss(logits: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Te
 # Attribute accuracy
 # ---------------------------------------------------------------------------------------------------------
 def attribute_accuracy(
-    pred: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor], prefix: str = "judge/"
+    pred: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    prefix: str = "judge/",
+    attributes: Sequence[str] = ATTRIBUTES,
 ) -> dict[str, float]:
     """Accuracy of predicted attributes against the scene that conditioned (or rendered) the images.
 
     Definition: take every non-empty slot of the *target* scenes (slots are objects in reading order, as
     in `Scene.labels()`; a slot is empty where its label is -1). For each attribute a in
-    (colour, shape, size, position), ``acc_<a>`` is the fraction of those slots whose predicted a is right.
-    Every attribute is scored on the same slots, so ``acc`` — the mean of the four — is also the fraction of
-    all (slot, attribute) pairs predicted correctly. ``scene_acc`` is the fraction of images in which every
+    ``attributes`` (those the world's captions name, `World.named`; all four in the full world),
+    ``acc_<a>`` is the fraction of those slots whose predicted a is right. Every attribute is scored on the
+    same slots, so ``acc`` — their mean — is also the fraction of all (slot, attribute) pairs predicted
+    correctly. ``scene_acc`` is the fraction of images in which every
     attribute of every target object is right. Predictions for the target's empty slots are ignored;
     extra objects show up in ``acc_count`` (object count) instead. ``acc_background`` is reported too.
 
@@ -179,10 +172,10 @@ def attribute_accuracy(
     present = target["shape"] != EMPTY
     if not present.any():
         raise ValueError("the target scenes have no objects")
-    right = {a: (pred[a] == target[a]) | ~present for a in ATTRIBUTES}  # empty slots count as right here
-    order = ("colour", "shape", "size", "position")
+    right = {a: (pred[a] == target[a]) | ~present for a in attributes}  # empty slots count as right here
+    order = [a for a in ("colour", "shape", "size", "position") if a in attributes]
     out = {f"{prefix}acc_{a}": _fraction(right[a] & present, present) for a in order}
-    out[f"{prefix}acc"] = sum(out[f"{prefix}acc_{a}"] for a in ATTRIBUTES) / len(ATTRIBUTES)
+    out[f"{prefix}acc"] = sum(out[f"{prefix}acc_{a}"] for a in attributes) / len(attributes)
     out[f"{prefix}scene_acc"] = torch.stack(list(right.values())).all(0).all(-1).float().mean().item()
     for name, key in (("background", "acc_background"), ("n_objects", "acc_count")):
         if name in pred and name in target:
@@ -239,7 +232,7 @@ def render_split(world: ShapesWorld, n: int | None = None) -> tuple[torch.Tensor
     """The first ``n`` scenes of ``world`` as uint8 images [n, 3, S, S] and stacked labels."""
     n = len(world) if n is None else n
     images = np.empty((n, world.image_size, world.image_size, 3), dtype=np.uint8)
-    labels: dict[str, list] = {name: [] for name in VOCAB}
+    labels: dict[str, list] = {name: [] for name in world.world.vocab()}
     for i in range(n):
         scene, _ = world.scene(i)
         images[i] = np.asarray(scene.render(world.image_size))
@@ -287,13 +280,19 @@ def train_judge(
     log = log or (lambda _: None)
     torch.manual_seed(cfg["seed"])
     start = time.perf_counter()
-    images, labels = render_split(ShapesWorld(cfg["seed"], "train", cfg["n_train"], cfg["image_size"]))
+    world = World.from_config(cfg.get("world"))
+    images, labels = render_split(ShapesWorld(cfg["seed"], "train", cfg["n_train"], cfg["image_size"], world))
     log(f"judge: rendered {len(images)} train scenes in {time.perf_counter() - start:.1f}s")
     judge = Judge(
-        cfg["image_size"], cfg["widths"], cfg["feature_dim"], depth=cfg["depth"], hidden_dim=cfg["hidden_dim"]
+        cfg["image_size"],
+        cfg["widths"],
+        cfg["feature_dim"],
+        depth=cfg["depth"],
+        hidden_dim=cfg["hidden_dim"],
+        world=world,
     )
     _fit(judge, images, labels, cfg, log)
-    world_val = ShapesWorld(cfg["seed"], "val", cfg["n_val"], cfg["image_size"])
+    world_val = ShapesWorld(cfg["seed"], "val", cfg["n_val"], cfg["image_size"], world)
     metrics = evaluate_judge(judge, world_val, batch_size=256)
     metrics["judge/train_seconds"] = time.perf_counter() - start
     log("judge: val " + " ".join(f"{k.removeprefix('judge/')}={v:.4f}" for k, v in metrics.items()))
@@ -348,7 +347,7 @@ def evaluate_judge(judge: Judge, world: ShapesWorld, batch_size: int = 256) -> d
         preds = [judge.predict(to_unit_range(chunk).to(device)) for chunk in images.split(batch_size)]
     finally:
         judge.train(was_training)
-    return attribute_accuracy(_cat(preds), labels)
+    return attribute_accuracy(_cat(preds), labels, attributes=world.world.named)
 
 
 def _cat(chunks: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -375,7 +374,7 @@ def save_judge(
         "format": JUDGE_FORMAT,
         "state_dict": {k: v.detach().cpu() for k, v in judge.state_dict().items()},
         "config": judge.config,
-        "vocab": {k: list(v) for k, v in VOCAB.items()},
+        "vocab": {k: list(v) for k, v in judge.vocab.items()},
         "train_config": dict(train_config or {}),
         "metrics": {k: float(v) for k, v in (metrics or {}).items()},
     }
@@ -393,10 +392,10 @@ def load_judge(path: str | Path, map_location: str | torch.device = "cpu") -> Ju
             f"no judge at {path}: train one with `python -m galip.world.train_judge` (or `ensure_judge()`)"
         )
     payload = torch.load(path, map_location=map_location, weights_only=True)
-    vocab = {k: tuple(v) for k, v in payload["vocab"].items()}
-    if vocab != VOCAB:
-        raise ValueError(f"judge at {path} was trained on a different world vocabulary: {vocab}")
     judge = Judge(**payload["config"])
+    vocab = {k: tuple(v) for k, v in payload["vocab"].items()}
+    if vocab != judge.vocab:
+        raise ValueError(f"judge at {path}: its vocabulary {vocab} is not its world's {judge.vocab}")
     judge.load_state_dict(payload["state_dict"])
     judge.metrics = dict(payload.get("metrics", {}))
     return judge.eval()
@@ -445,8 +444,8 @@ def evaluate_generator(
         fd.update(torch.stack([s["image"] for s in samples]).to(device), real=True)
         fd.update(fake, real=False)
         preds.append(judge.predict(fake))
-        targets.append({k: torch.stack([s["labels"][k] for s in samples]) for k in VOCAB})
-    metrics = attribute_accuracy(_cat(preds), _cat(targets))
+        targets.append({k: torch.stack([s["labels"][k] for s in samples]) for k in judge.vocab})
+    metrics = attribute_accuracy(_cat(preds), _cat(targets), attributes=judge.world.named)
     metrics["judge/fd"] = float(fd.compute())
     metrics["judge/n"] = float(n)
     return metrics

@@ -3,20 +3,21 @@
 Not GALIP and not a GAN. A plain conditional CNN decoder is regressed (MSE) to each scene's own rendering, so
 it gets the exact target image, which no GAN's generator ever gets. It is conditioned on either
 
-* ``onehot``: the scene's layout as one-hots (for each of the five places: occupied, shape, colour, size;
+* ``onehot``: the scene's layout as one-hots (for each of the world's places: occupied, shape, colour, size;
   plus the background), the most a caption can say, in the most usable form; or
-* ``clip`` (the demo's shapes CLIP) or a shapes CLIP's ``clip.pt``: its sentence vector of the caption, what
-  GALIP's G is conditioned on; ``--vector`` scales it: ``unit`` (L2-normalised, the default), ``raw`` (as
-  GALIP's G gets it) or ``standardised`` (each dimension to zero mean, unit spread over the training captions).
+* ``clip`` (the data preset's CLIP, ``+experiment=<data>_clip`` of `galip.world.pretrain_clip`) or a shapes
+  CLIP's ``clip.pt``: its sentence vector of the caption, what GALIP's G is conditioned on; ``--vector``
+  scales it: ``unit`` (L2-normalised, the default), ``raw`` (as GALIP's G gets it) or ``standardised`` (each
+  dimension to zero mean, unit spread over the training captions).
 
-Every ``--eval-every`` steps the independent judge scores 256 val captions, as the demo's callback does
-(`galip.world.judge.evaluate_generator`). What the demo can expect from ``~800`` steps of GALIP is bounded by
-what this decoder learns in as many steps (experiments/demo.md).
+Every ``--eval-every`` steps the independent judge (the world's, at its image size) scores 256 val captions,
+as the demo's callback does (`galip.world.judge.evaluate_generator`). A world qualifies for a demo when this
+decoder draws every named attribute (≥ 0.95) within a quarter of the demo's images (experiments/demo.md).
 
-    python -m galip.world.oracle_decoder --steps 800 --batch-size 32            # one-object scenes, one-hots
-    python -m galip.world.oracle_decoder --steps 3200 --batch-size 8 --eval-every 800
-    python -m galip.world.oracle_decoder --condition src/galip/world/assets/clip/091b15d58bc6/clip.pt --max-objects 3
-    python -m galip.world.oracle_decoder --condition clip --vector raw --steps 3200 --batch-size 8
+    python -m galip.world.oracle_decoder --data shapes_demo --steps 800 --eval-every 100   # the demo world, one-hots
+    python -m galip.world.oracle_decoder --data shapes_demo --condition clip --vector raw  # through its CLIP, as G
+    python -m galip.world.oracle_decoder --data shapes_demo --world data.world.jitter=3    # a candidate preset
+    python -m galip.world.oracle_decoder --steps 3200 --batch-size 8 --eval-every 800      # the full world at 64 px
 """
 
 from __future__ import annotations
@@ -31,37 +32,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from galip.world.artefacts import ensure_judge, load_shapes_clip
+from galip.world.artefacts import data_world, ensure_judge, load_shapes_clip, shapes_clip, world_judge_config
 from galip.world.judge import evaluate_generator, load_judge
-from galip.world.scenes import (
-    BACKGROUND_NAMES,
-    COLOUR_NAMES,
-    MAX_OBJECTS,
-    POSITION_NAMES,
-    SHAPES,
-    SIZE_NAMES,
-    ShapesWorld,
-)
+from galip.world.scenes import FULL_WORLD, ShapesWorld, World
 
-# One place's slots in the one-hot layout: occupied, shape, colour, size.
-PLACE_DIM = 1 + len(SHAPES) + len(COLOUR_NAMES) + len(SIZE_NAMES)
-LAYOUT_DIM = len(POSITION_NAMES) * PLACE_DIM + len(BACKGROUND_NAMES)
 VECTORS = ("unit", "raw", "standardised")
 REPORTED = ("acc", "acc_colour", "acc_shape", "acc_size", "acc_position", "acc_background", "fd")
 
 
-def layout_onehot(labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A scene's labels (`ShapesWorld` item ``labels``) -> [LAYOUT_DIM] one-hots, one block per place."""
-    places = torch.zeros(len(POSITION_NAMES), PLACE_DIM)
-    for slot in range(MAX_OBJECTS):
+def layout_onehot(labels: dict[str, torch.Tensor], world: World = FULL_WORLD) -> torch.Tensor:
+    """A scene's labels (`ShapesWorld` item ``labels``) -> one-hots, one block per place of ``world`` (occupied,
+    shape, colour, size) and the background."""
+    n_shapes, n_colours = len(world.shapes), len(world.colours)
+    places = torch.zeros(len(world.positions), 1 + n_shapes + n_colours + len(world.sizes))
+    for slot in range(world.max_objects):
         shape, colour, size, position = (
             int(labels[k][slot]) for k in ("shape", "colour", "size", "position")
         )
         if shape < 0:  # an empty slot
             continue
-        offsets = (0, 1 + shape, 1 + len(SHAPES) + colour, 1 + len(SHAPES) + len(COLOUR_NAMES) + size)
+        offsets = (0, 1 + shape, 1 + n_shapes + colour, 1 + n_shapes + n_colours + size)
         places[position, list(offsets)] = 1.0
-    background = F.one_hot(labels["background"].long().reshape(()), len(BACKGROUND_NAMES)).float()
+    background = F.one_hot(labels["background"].long().reshape(()), len(world.backgrounds)).float()
     return torch.cat([places.flatten(), background])
 
 
@@ -118,20 +110,26 @@ class OracleDecoder(nn.Module):
         return torch.tanh(self.to_rgb(F.relu(x)))
 
 
-def _encoder(condition: str, val_items: list[dict], vector: str = "unit", train_items: list[dict] = ()):
+def _encoder(
+    condition: str,
+    val_items: list[dict],
+    vector: str = "unit",
+    train_items: list[dict] = (),
+    world: World = FULL_WORLD,
+):
     """``(items) -> [N, D]`` for training and ``(captions) -> [B, D]`` for the judge's generate_fn.
 
     ``vector`` (CLIP conditions only): how the sentence vector is scaled (see the module docstring); the
     ``standardised`` statistics come from ``train_items``' captions."""
     if condition == "onehot":
-        by_caption = {it["caption"]: layout_onehot(it["labels"]) for it in val_items}
+        by_caption = {it["caption"]: layout_onehot(it["labels"], world) for it in val_items}
         return (
-            lambda items: torch.stack([layout_onehot(it["labels"]) for it in items]),
+            lambda items: torch.stack([layout_onehot(it["labels"], world) for it in items]),
             lambda captions: torch.stack([by_caption[c] for c in captions]),
         )
     if vector not in VECTORS:
         raise ValueError(f"vector={vector!r}: expected one of {VECTORS}")
-    clip = load_shapes_clip(None if condition == "clip" else condition)
+    clip = load_shapes_clip(condition)
 
     def raw(captions: list[str]) -> torch.Tensor:  # encode_text: no grad, fp32, not normalised
         chunks = [captions[i : i + 256] for i in range(0, len(captions), 256)]
@@ -156,7 +154,7 @@ def run(
     steps: int = 800,
     batch_size: int = 32,
     image_size: int = 64,
-    max_objects: int = 1,
+    world: World | None = None,
     n_train: int = 6000,
     n_val: int = 256,
     eval_every: int = 200,
@@ -167,23 +165,26 @@ def run(
     judge=None,
     log=print,
 ) -> list[dict]:
-    """Train the decoder and judge it every ``eval_every`` steps; one dict of metrics per evaluation."""
+    """Train the decoder on ``world``'s scenes at ``image_size`` and judge it every ``eval_every`` steps, as the
+    demo's callback does (val captions, that world's judge at that size); one dict of metrics per evaluation."""
     torch.manual_seed(seed)
-    world = ShapesWorld(0, "train", n_train, image_size, max_objects)
-    items = [world[i] for i in range(len(world))]
-    val = ShapesWorld(0, "val", n_val, 64, max_objects)  # the judge's world: 64 px, as the demo's callback
-    encode_items, encode_captions = _encoder(condition, [val[i] for i in range(len(val))], vector, items)
+    world = world or FULL_WORLD
+    train = ShapesWorld(0, "train", n_train, image_size, world)
+    items = [train[i] for i in range(len(train))]
+    val = ShapesWorld(0, "val", n_val, image_size, world)
+    val_items = [val[i] for i in range(len(val))]
+    encode_items, encode_captions = _encoder(condition, val_items, vector, items, world)
     images, conds = torch.stack([it["image"] for it in items]), encode_items(items)
     decoder = OracleDecoder(conds.shape[1], image_size, ngf)
     optimizer = torch.optim.Adam(decoder.parameters(), lr, betas=(0.5, 0.99))
-    judge = judge if judge is not None else load_judge(ensure_judge())
+    judge = judge if judge is not None else load_judge(ensure_judge(world_judge_config(world, image_size)))
 
     @torch.no_grad()
     def generate(captions: list[str], noise: torch.Tensor) -> torch.Tensor:
         decoder.eval()
         out = decoder(encode_captions(captions))
         decoder.train()
-        return out  # the judge resizes to its own 64 px
+        return out
 
     results, losses, start = [], [], time.perf_counter()
     for step in range(1, steps + 1):
@@ -215,13 +216,17 @@ def markdown(results: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--condition", default="onehot", help="onehot, clip (the demo's CLIP) or a shapes clip.pt"
+        "--condition", default="onehot", help="onehot, clip (the data preset's CLIP) or a shapes clip.pt"
     )
     parser.add_argument("--vector", default="unit", choices=VECTORS, help="CLIP vector scaling")
     parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--max-objects", type=int, default=1)
+    parser.add_argument(
+        "--data", default="shapes", help="the data preset whose world it draws (shapes_demo, …)"
+    )
+    parser.add_argument(
+        "--world", nargs="*", default=[], help="overrides of that preset, e.g. data.world.jitter=2"
+    )
     parser.add_argument("--n-train", type=int, default=6000)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -229,8 +234,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    world, image_size = data_world(args.data, args.world)
+    condition = shapes_clip(f"{args.data}_clip") if args.condition == "clip" else args.condition
     results = run(
-        args.condition, args.steps, args.batch_size, args.image_size, args.max_objects, args.n_train,
+        condition, args.steps, args.batch_size, image_size, world, args.n_train,
         eval_every=args.eval_every, lr=args.lr, ngf=args.ngf, seed=args.seed, vector=args.vector,
     )  # fmt: skip
     print(f"\n`python -m galip.world.oracle_decoder {' '.join(sys.argv[1:] if argv is None else argv)}`\n")

@@ -4,12 +4,16 @@ A scene is 1-3 objects (shape, colour, size, position) on a named background. Ev
 function of (seed, split, index), renders at any resolution, and carries integer labels so a classifier
 ("judge") can later score whether generated images show what their captions say.
 
+A `World` picks which shapes, colours, backgrounds, sizes and places its scenes use and how many objects they
+hold: the full world (the default, every word below) is the long setting; a config's ``data.world`` names
+smaller ones, such as the CPU demo's (``data=shapes_demo``). Captions name what varies in their world.
+
 Splits never share a scene: a scene's split is decided by a stable hash (blake2b) of its canonical
 description (`Scene.spec`), 80/10/10 train/val/test, and each split draws scenes until one hashes into it.
 Because the split depends only on the scene, this holds for every seed, length and resolution.
 
-Geometry guarantees no overlap: positions are at least 0.31 of the image side apart (per axis) and two
-large objects reach 0.15 + 0.15 = 0.30, so distinct positions are enough.
+Geometry guarantees no overlap: `World` refuses sizes and jitter that could make two objects touch (in the
+full world positions are at least 0.31 of the image side apart per axis and two large objects reach 0.30).
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -31,9 +37,10 @@ from galip.data.resume import ResumableData
 from galip.data.shards import check_worker_count, list_shards, shard_dataset, shard_loader, write_shards
 
 # ---------------------------------------------------------------------------------------------------------
-# The vocabulary of the world (label ids are indices into these tuples / dict orders)
+# The palette every world draws from (a world picks names out of these)
 # ---------------------------------------------------------------------------------------------------------
 SHAPES = ("circle", "square", "triangle", "diamond")
+EXTRA_SHAPES = ("cross",)  # drawable, not in the full world: a silhouette unlike any rotation of the others
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -73,6 +80,134 @@ N_OBJECTS_PROBS = (0.4, 0.35, 0.25)
 SPLITS = {"train": (0.0, 0.8), "val": (0.8, 0.9), "test": (0.9, 1.0)}  # intervals of the scene hash
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: clean edges, exact colours inside shapes
 COUNT_WORDS = ("no", "one", "two", "three")
+JITTER_UNIT = 1 / 64  # an object's unnamed offset from its place is a whole number of these (per axis)
+SLOT_ATTRIBUTES = ("shape", "colour", "size", "position")  # per object, in `Obj.label_ids` order
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worlds: which part of the palette a world's scenes use
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class World:
+    """What a world's scenes are made of; the default is the full world (1-3 objects, every word above).
+
+    A caption names every attribute that varies in its world, and only those: in a world with one place
+    (``positions: [centre]``) no caption says where the object is, and the judge is not asked.
+
+    Args:
+        shapes, colours, backgrounds: names from `SHAPES` + `EXTRA_SHAPES`, `COLOURS`, `BACKGROUNDS`.
+        sizes: size name -> half-extent as a fraction of the image side.
+        positions: place names from `POSITIONS`.
+        max_objects: objects per scene at most (the label slots); 1..min(3, len(positions)).
+        jitter: each object's centre moves by up to this many `JITTER_UNIT`s per axis (uniform, whole units,
+            never named in the caption); 0 keeps objects exactly on their place.
+    """
+
+    shapes: tuple[str, ...] = SHAPES
+    colours: tuple[str, ...] = COLOUR_NAMES
+    backgrounds: tuple[str, ...] = BACKGROUND_NAMES
+    sizes: tuple[tuple[str, float], ...] = tuple(SIZES.items())
+    positions: tuple[str, ...] = POSITION_NAMES
+    max_objects: int = MAX_OBJECTS
+    jitter: int = 0
+
+    def __post_init__(self):
+        sizes = self.sizes.items() if isinstance(self.sizes, Mapping) else self.sizes
+        object.__setattr__(self, "sizes", tuple((str(k), float(v)) for k, v in sizes))
+        for name in ("shapes", "colours", "backgrounds", "positions"):
+            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
+        for name, values, known in (
+            ("shapes", self.shapes, SHAPES + EXTRA_SHAPES),
+            ("colours", self.colours, COLOUR_NAMES),
+            ("backgrounds", self.backgrounds, BACKGROUND_NAMES),
+            ("positions", self.positions, POSITION_NAMES),
+        ):
+            if not values or len(set(values)) != len(values) or not set(values) <= set(known):
+                raise ValueError(f"world {name} must be distinct names from {known}, got {list(values)}")
+        if not self.sizes or any(not 0 < h < 0.5 for _, h in self.sizes):
+            raise ValueError(f"world sizes must be half-extents in (0, 0.5), got {dict(self.sizes)}")
+        if not 1 <= self.max_objects <= min(MAX_OBJECTS, len(self.positions)):
+            raise ValueError(
+                f"max_objects must be in 1..{min(MAX_OBJECTS, len(self.positions))} for "
+                f"{len(self.positions)} places, got {self.max_objects}"
+            )
+        self._check_geometry()
+
+    def _check_geometry(self) -> None:
+        """Every object stays inside the image, and objects at two places never overlap."""
+        reach = max(h for _, h in self.sizes) + self.jitter * JITTER_UNIT
+        for p in self.positions:
+            if min(*POSITIONS[p], *(1 - c for c in POSITIONS[p])) < reach:
+                raise ValueError(f"an object at {p!r} leaves the image: size + jitter reach {reach:.3f}")
+        if self.max_objects > 1:
+            places = [POSITIONS[p] for p in self.positions]
+            gap = min(
+                max(abs(a - c), abs(b - d)) for i, (a, b) in enumerate(places) for c, d in places[i + 1 :]
+            )
+            if 2 * reach > gap:
+                raise ValueError(f"objects may overlap: two reach {2 * reach:.3f} > {gap:.3f} between places")
+
+    @classmethod
+    def from_config(cls, config: World | Mapping[str, Any] | None) -> World:
+        """A `World` from itself, a mapping of its fields (a config's ``data.world``) or ``None`` (the full world)."""
+        if config is None or isinstance(config, World):
+            return config or FULL_WORLD
+        if hasattr(config, "items") and not isinstance(config, dict):  # an omegaconf node
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.to_container(config, resolve=True)
+        unknown = set(config) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown world keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        return cls(**config)
+
+    @property
+    def is_full(self) -> bool:
+        return self == FULL_WORLD
+
+    def key(self) -> dict[str, Any] | None:
+        """The world's part of an artefact's cache key: ``None`` for the full world (keys made before worlds
+        existed stay valid), else every field."""
+        return None if self.is_full else self.as_config()
+
+    def as_config(self) -> dict[str, Any]:
+        return {
+            "shapes": list(self.shapes),
+            "colours": list(self.colours),
+            "backgrounds": list(self.backgrounds),
+            "sizes": dict(self.sizes),
+            "positions": list(self.positions),
+            "max_objects": self.max_objects,
+            "jitter": self.jitter,
+        }
+
+    @property
+    def size_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.sizes)
+
+    def half_extent(self, size: str) -> float:
+        return dict(self.sizes)[size]
+
+    def vocab(self) -> dict[str, tuple[str, ...]]:
+        """Label names per attribute: class ids in `Scene.labels` are indices into these tuples."""
+        return {
+            "shape": self.shapes,
+            "colour": self.colours,
+            "size": self.size_names,
+            "position": self.positions,
+            "background": self.backgrounds,
+            # ids are counts; 0 never occurs but keeps id == count
+            "n_objects": tuple(str(n) for n in range(self.max_objects + 1)),
+        }
+
+    @property
+    def named(self) -> tuple[str, ...]:
+        """The object attributes captions name (those with more than one value), in `SLOT_ATTRIBUTES` order."""
+        vocab = self.vocab()
+        return tuple(a for a in SLOT_ATTRIBUTES if len(vocab[a]) > 1)
+
+
+FULL_WORLD = World()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -84,19 +219,22 @@ class Obj:
     colour: str
     size: str
     position: str
+    offset: tuple[int, int] = (0, 0)  # unnamed jitter, in JITTER_UNITs (x, y)
 
-    def phrase(self) -> str:
-        return f"a {self.size} {self.colour} {self.shape}"
+    def phrase(self, world: World = FULL_WORLD) -> str:
+        words = [w for a, w in (("size", self.size), ("colour", self.colour)) if a in world.named]
+        return " ".join(["a", *words, self.shape])
 
     def spec(self) -> str:
-        return f"{self.size} {self.colour} {self.shape}@{self.position}"
+        jitter = "" if self.offset == (0, 0) else "{:+d}{:+d}".format(*self.offset)
+        return f"{self.size} {self.colour} {self.shape}@{self.position}{jitter}"
 
-    def label_ids(self) -> tuple[int, int, int, int]:
+    def label_ids(self, world: World = FULL_WORLD) -> tuple[int, int, int, int]:
         return (
-            SHAPES.index(self.shape),
-            COLOUR_NAMES.index(self.colour),
-            SIZE_NAMES.index(self.size),
-            POSITION_NAMES.index(self.position),
+            world.shapes.index(self.shape),
+            world.colours.index(self.colour),
+            world.size_names.index(self.size),
+            world.positions.index(self.position),
         )
 
 
@@ -104,6 +242,7 @@ class Obj:
 class Scene:
     objects: list[Obj] = field(default_factory=list)
     background: str = "grey"
+    world: World = field(default=FULL_WORLD, compare=False, repr=False)
 
     def __post_init__(self):
         # A canonical object order makes `spec` (and so the split) independent of construction order.
@@ -111,7 +250,7 @@ class Scene:
         assert len({o.position for o in self.objects}) == len(self.objects), "one object per position"
 
     def spec(self) -> str:
-        """Canonical description: equal specs <=> identical scenes."""
+        """Canonical description: equal specs <=> identical scenes (within one world)."""
         return "|".join([self.background, *(o.spec() for o in self.objects)])
 
     def split(self) -> str:
@@ -130,27 +269,32 @@ class Scene:
         image = Image.new("RGB", (big, big), BACKGROUNDS[self.background])
         draw = ImageDraw.Draw(image)
         for obj in self.objects:
-            _draw_object(draw, obj, big)
+            _draw_object(draw, obj, big, self.world.half_extent(obj.size))
         return image.resize((size, size), Image.Resampling.BOX)
 
     def labels(self) -> dict[str, list[int] | int]:
         """Per-slot attribute ids (slots in reading order, -1 = empty slot, i.e. cross-entropy's ignore)."""
-        ids = [o.label_ids() for o in self.objects] + [(-1, -1, -1, -1)] * (MAX_OBJECTS - len(self.objects))
+        slots = self.world.max_objects
+        ids = [o.label_ids(self.world) for o in self.objects] + [(-1, -1, -1, -1)] * (
+            slots - len(self.objects)
+        )
         shape, colour, size, position = (list(column) for column in zip(*ids, strict=True))
         return {
             "shape": shape,
             "colour": colour,
             "size": size,
             "position": position,
-            "background": BACKGROUND_NAMES.index(self.background),
+            "background": self.world.backgrounds.index(self.background),
             "n_objects": len(self.objects),
         }
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, canvas: int) -> None:
+def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, canvas: int, half_extent: float) -> None:
     """Every shape stays inside its (2h x 2h) box around the position, which is what rules out overlap."""
-    cx, cy = (c * canvas for c in POSITIONS[obj.position])
-    h = SIZES[obj.size] * canvas
+    cx, cy = (
+        (c + d * JITTER_UNIT) * canvas for c, d in zip(POSITIONS[obj.position], obj.offset, strict=True)
+    )
+    h = half_extent * canvas
     fill = COLOURS[obj.colour]
     if obj.shape == "circle":
         draw.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
@@ -161,6 +305,10 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: Obj, canvas: int) -> None:
         draw.polygon([(cx, cy - h), (cx + h, cy + h), (cx - h, cy + h)], fill=fill)
     elif obj.shape == "diamond":
         draw.polygon([(cx, cy - h), (cx + h, cy), (cx, cy + h), (cx - h, cy)], fill=fill)
+    elif obj.shape == "cross":
+        a = 0.36 * h  # half the arm's width: a plus sign as heavy as the circle
+        draw.rectangle([cx - h, cy - a, cx + h, cy + a], fill=fill)
+        draw.rectangle([cx - a, cy - h, cx + a, cy + h], fill=fill)
     else:
         raise ValueError(f"unknown shape {obj.shape!r}")
 
@@ -175,21 +323,25 @@ def n_objects_probs(max_objects: int = MAX_OBJECTS) -> tuple[float, ...]:
     return tuple(p / sum(head) for p in head)
 
 
-def sample_scene(rng: np.random.Generator, max_objects: int = MAX_OBJECTS) -> Scene:
-    """A random scene of 1..``max_objects`` objects (the full world: 1-3; the label slots stay `MAX_OBJECTS`)."""
-    probs = n_objects_probs(max_objects)
-    n = int(rng.choice(np.arange(1, max_objects + 1), p=probs))
-    positions = rng.choice(len(POSITION_NAMES), size=n, replace=False)
+def sample_scene(rng: np.random.Generator, world: World = FULL_WORLD) -> Scene:
+    """A random scene of ``world`` (the full world: 1-3 objects; its draws are those of every earlier release)."""
+    probs = n_objects_probs(world.max_objects)
+    n = int(rng.choice(np.arange(1, world.max_objects + 1), p=probs))
+    positions = rng.choice(len(world.positions), size=n, replace=False)
     objects = [
         Obj(
-            shape=SHAPES[rng.integers(len(SHAPES))],
-            colour=COLOUR_NAMES[rng.integers(len(COLOUR_NAMES))],
-            size=SIZE_NAMES[rng.integers(len(SIZE_NAMES))],
-            position=POSITION_NAMES[p],
+            shape=world.shapes[rng.integers(len(world.shapes))],
+            colour=world.colours[rng.integers(len(world.colours))],
+            size=world.size_names[rng.integers(len(world.sizes))],
+            position=world.positions[p],
         )
         for p in positions
     ]
-    return Scene(objects, BACKGROUND_NAMES[rng.integers(len(BACKGROUND_NAMES))])
+    background = world.backgrounds[rng.integers(len(world.backgrounds))]
+    if world.jitter:  # drawn after everything else, so a world without jitter draws as it always did
+        j = world.jitter
+        objects = [replace(o, offset=tuple(int(v) for v in rng.integers(-j, j + 1, size=2))) for o in objects]
+    return Scene(objects, background, world)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -200,7 +352,10 @@ def _join(phrases: list[str]) -> str:
 
 
 def _placed(scene: Scene) -> str:
-    return _join([f"{o.phrase()} {POSITION_PHRASES[o.position]}" for o in scene.objects])
+    """Each object's phrase, with its place when the world has more than one."""
+    if "position" not in scene.world.named:
+        return _join([o.phrase(scene.world) for o in scene.objects])
+    return _join([f"{o.phrase(scene.world)} {POSITION_PHRASES[o.position]}" for o in scene.objects])
 
 
 def _relation(a: Obj, b: Obj) -> str | None:
@@ -233,7 +388,7 @@ def _relational(scene: Scene) -> str:
     if len(scene.objects) != 2 or _relation(*scene.objects) is None:
         return _plain(scene)
     a, b = scene.objects
-    return f"{a.phrase()} {_relation(a, b)} {b.phrase()} on a {scene.background} background"
+    return f"{a.phrase(scene.world)} {_relation(a, b)} {b.phrase(scene.world)} on a {scene.background} background"
 
 
 TEMPLATES = (_plain, _background_first, _counted, _relational)
@@ -242,11 +397,12 @@ TEMPLATES = (_plain, _background_first, _counted, _relational)
 # ---------------------------------------------------------------------------------------------------------
 # Hard negatives: the caption with one shape word changed
 # ---------------------------------------------------------------------------------------------------------
-SHAPE_WORDS = re.compile("|".join(SHAPES))
+SHAPE_WORDS = re.compile(r"\b(" + "|".join(SHAPES + EXTRA_SHAPES) + r")\b")
 
 
-def shape_swaps(caption: str, rng: random.Random) -> list[str]:
-    """The caption with one of its shape words (picked by ``rng``) replaced by each of the other shapes.
+def shape_swaps(caption: str, rng: random.Random, shapes: Sequence[str] = SHAPES) -> list[str]:
+    """The caption with one of its shape words (picked by ``rng``) replaced by each other of ``shapes``
+    (the world's shapes).
 
     Hard negatives: captions that match the image in everything but one object's shape. Plain in-batch
     contrast never needs shape (colour, background and position already tell 128 scenes apart), and a CLIP
@@ -255,66 +411,8 @@ def shape_swaps(caption: str, rng: random.Random) -> list[str]:
     found = list(SHAPE_WORDS.finditer(caption))
     if not found:
         return []
-    return _each_other(caption, rng.choice(found), SHAPES)
-
-
-def _each_other(caption: str, word: re.Match, options: tuple[str, ...]) -> list[str]:
-    """The caption with the matched ``word`` replaced by each of the other ``options``."""
-    return [caption[: word.start()] + o + caption[word.end() :] for o in options if o != word.group()]
-
-
-POSITION_WORDS = re.compile("|".join(POSITION_PHRASES.values()))
-RELATIONS = ("to the left of", "to the right of", "above", "below")
-RELATION_WORDS = re.compile("|".join(RELATIONS))
-
-
-def position_swaps(caption: str, rng: random.Random) -> list[str]:
-    """The caption with one object's place (picked by ``rng``) changed to each other place.
-
-    Hard negatives for where things are: plain in-batch contrast never needs it (colour and background
-    already tell 128 scenes apart), and a CLIP whose sentence vector does not say where an object is
-    gives GALIP's generator no reason to put it there. A place phrase ("on the left") becomes each of the
-    four others, and where the caption places several objects, one more negative exchanges that object's
-    place with another object's (the same words, bound the other way round). In the relational template
-    ("a … to the left of a …") the relation becomes each of the three others. A caption naming no place
-    gives ``[]``.
-    """
-    for words, options in ((POSITION_WORDS, tuple(POSITION_PHRASES.values())), (RELATION_WORDS, RELATIONS)):
-        found = list(words.finditer(caption))
-        if not found:
-            continue
-        word = rng.choice(found)
-        swaps = _each_other(caption, word, options)
-        if len(found) > 1:
-            other = rng.choice([w for w in found if w is not word])
-            first, second = sorted((word, other), key=lambda w: w.start())
-            swaps.append(
-                caption[: first.start()]
-                + second.group()
-                + caption[first.end() : second.start()]
-                + first.group()
-                + caption[second.end() :]
-            )
-        return swaps
-    return []
-
-
-def shape_swap(caption: str, rng: random.Random) -> str | None:
-    """One hard negative: the caption with one shape word (picked by ``rng``) changed to another shape;
-    ``None`` when the caption names no shape. GALIP's D uses these as extra mismatched pairs
-    (``model.hard_negatives``): in-batch mismatches differ in colour and background, never only in shape."""
-    swaps = shape_swaps(caption, rng)
-    return rng.choice(swaps) if swaps else None
-
-
-def shape_or_position_swap(caption: str, rng: random.Random) -> str | None:
-    """One hard negative for D: a `shape_swaps` or a `position_swaps` caption (which kind: ``rng``, even odds)."""
-    kinds = [shape_swaps, position_swaps]
-    rng.shuffle(kinds)
-    for swaps in (kind(caption, rng) for kind in kinds):
-        if swaps:
-            return rng.choice(swaps)
-    return None
+    word = rng.choice(found)
+    return [caption[: word.start()] + o + caption[word.end() :] for o in shapes if o != word.group()]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,8 +421,7 @@ def shape_or_position_swap(caption: str, rng: random.Random) -> str | None:
 class ShapesWorld(Dataset):
     """`length` scenes of one split: {image [-1,1] (3,S,S), caption, labels (dict of long tensors), key}.
 
-    ``max_objects`` < 3 draws from the part of the world with at most that many objects per scene (the same
-    scenes, captions and splits; the object count renormalised); 3 is the whole world.
+    ``world``: a `World`, a mapping of its fields (a config's ``data.world``) or ``None``, the full world.
     """
 
     def __init__(
@@ -333,13 +430,12 @@ class ShapesWorld(Dataset):
         split: str = "train",
         length: int = 10_000,
         image_size: int = 64,
-        max_objects: int = MAX_OBJECTS,
+        world: World | Mapping[str, Any] | None = None,
     ):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
-        n_objects_probs(max_objects)  # validates
         self.seed, self.split, self.length, self.image_size = seed, split, length, image_size
-        self.max_objects = max_objects
+        self.world = World.from_config(world)
 
     def __len__(self) -> int:
         return self.length
@@ -348,7 +444,7 @@ class ShapesWorld(Dataset):
         """The index-th scene of this split (and the rng, positioned to pick its caption template)."""
         rng = np.random.default_rng((self.seed, list(SPLITS).index(self.split), index))
         while True:  # rejection: ~1.25 draws for train, ~10 for val/test, all cheap (no rendering)
-            scene = sample_scene(rng, self.max_objects)
+            scene = sample_scene(rng, self.world)
             if scene.split() == self.split:
                 return scene, rng
 
@@ -381,17 +477,17 @@ def write_shapes_shards(
     seed: int = 0,
     image_size: int = 64,
     max_per_shard: int = 1000,
-    max_objects: int = MAX_OBJECTS,
+    world: World | Mapping[str, Any] | None = None,
 ) -> dict[str, list[Path]]:
     """Render each split (e.g. {'train': 50_000, 'val': 1000}) to lossless PNG shards under `out_dir`."""
     return {
         split: write_shards(
-            ShapesWorld(seed, split, n, image_size, max_objects).shard_samples(),
+            ShapesWorld(seed, split, n, image_size, world).shard_samples(),
             out_dir,
             prefix=split,
             max_per_shard=max_per_shard,
             image_format="png",
-            source=f"galip.world.scenes seed={seed} image_size={image_size} max_objects={max_objects}",
+            source=f"galip.world.scenes seed={seed} image_size={image_size} world={World.from_config(world).key()}",
         )
         for split, n in counts.items()
     }
@@ -415,11 +511,10 @@ class ShapesDataModule(ResumableData, L.LightningDataModule):
         seed: int = 0,
         shards: str | Path | None = None,
         shuffle_buffer: int = 1000,
-        max_objects: int = MAX_OBJECTS,
+        world: World | Mapping[str, Any] | None = None,
     ):
         super().__init__()
-        n_objects_probs(max_objects)  # validates
-        self.max_objects = max_objects
+        self.world = World.from_config(world)
         self.tokenizer = tokenizer
         self.image_size, self.batch_size, self.num_workers = image_size, batch_size, num_workers
         self.n_train, self.n_val, self.seed = n_train, n_val, seed
@@ -430,9 +525,7 @@ class ShapesDataModule(ResumableData, L.LightningDataModule):
         return self.trainer.world_size if self.trainer is not None else 1
 
     def _world(self, split: str, length: int) -> Dataset:
-        return Tokenized(
-            ShapesWorld(self.seed, split, length, self.image_size, self.max_objects), self.tokenizer
-        )
+        return Tokenized(ShapesWorld(self.seed, split, length, self.image_size, self.world), self.tokenizer)
 
     def _memory_loader(self, split: str, length: int, train: bool) -> DataLoader:
         sampler = self.train_sampler(length, self.seed) if train else None

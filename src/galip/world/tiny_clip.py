@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from galip.clip import model_config, resize_square
 from galip.config import normalize_slot_overrides
 from galip.world.cache import artefact_dir, config_key, write_config
-from galip.world.scenes import position_swaps, shape_swaps
+from galip.world.scenes import SHAPES, World, shape_swaps
 
 log = logging.getLogger("galip.world.tiny_clip")
 
@@ -115,12 +115,9 @@ class ContrastiveCLIP(L.LightningModule):
         retrieval_batch: int = 64,
         status_every: int = 0,
         shape_negatives_weight: float = 0.0,
-        position_negatives_weight: float = 0.0,
-        adversarial_eps: float = 0.0,
+        shapes: Sequence[str] = SHAPES,
     ):
         super().__init__()
-        if adversarial_eps < 0:
-            raise ValueError(f"adversarial_eps must be >= 0, got {adversarial_eps}")
         self.save_hyperparameters()
         self.model = open_clip.CLIP(**model_config(model_cfg=model_cfg), output_dict=True)
         with torch.no_grad():
@@ -149,17 +146,12 @@ class ContrastiveCLIP(L.LightningModule):
 
     # -- training ---------------------------------------------------------------------------------------
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        image = batch["image"]
-        if self.hparams.adversarial_eps > 0:
-            image = self.adversarial_images(batch, batch_idx)
-            self.log(
-                "train/adv_l2", (image - batch["image"]).flatten(1).norm(dim=1).mean(), batch_size=len(image)
-            )
-        out = self(image, batch["tokens"])
+        out = self(batch["image"], batch["tokens"])
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"])
-        for kind, hard in self.hard_negative_terms(batch, out, batch_idx).items():
-            self.log(f"train/{kind}_negatives", hard, batch_size=len(batch["caption"]))
-            loss = loss + self.hparams[f"{kind}_negatives_weight"] * hard
+        if self.hparams.shape_negatives_weight:
+            hard = self.shape_negatives_loss(batch, out, batch_idx)
+            self.log("train/shape_negatives", hard, batch_size=len(batch["caption"]))
+            loss = loss + self.hparams.shape_negatives_weight * hard
         with torch.no_grad():
             sim = out["image_features"] @ out["text_features"].T
             own = torch.arange(sim.shape[0], device=sim.device)
@@ -170,62 +162,13 @@ class ContrastiveCLIP(L.LightningModule):
         )
         return loss
 
-    def adversarial_images(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """The batch's images moved to raise the training loss, each by at most ``adversarial_eps`` (L2, in
-        the [-1, 1] pixel scale): one gradient step from a random start in the ball (fast adversarial
-        training, Wong et al. 2020), kept inside [-1, 1].
-
-        The attack sees the loss the step trains (contrastive + the hard-negative terms, text side fixed), so
-        the features that tell a caption from its shape swap must survive it. The hope (Santurkar et al. 2019)
-        is a CLIP whose gradients point at visible changes, which is what G's CLIP term follows; on the shapes
-        world the tiny CLIP gave up shape before it became hard to fool (experiments/demo.md, seventh session).
-        """
-        image, eps = batch["image"], self.hparams.adversarial_eps
-        gen = torch.Generator(device=image.device).manual_seed(10_007 * batch_idx + self.global_step)
-        start = torch.randn(image.shape, generator=gen, device=image.device, dtype=image.dtype)
-        radius = eps * torch.rand(len(image), 1, 1, 1, generator=gen, device=image.device, dtype=image.dtype)
-        delta = (start / start.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * radius).requires_grad_(True)
-        with torch.enable_grad():
-            with torch.no_grad():
-                text = self.model.encode_text(batch["tokens"], normalize=True)
-            feats = self.model.encode_image(self.pixels((image + delta).clamp(-1, 1)), normalize=True)
-            out = {
-                "image_features": feats,
-                "text_features": text,
-                "logit_scale": self.model.logit_scale.exp().detach(),
-            }
-            loss = self.loss(feats, text, out["logit_scale"])
-            for kind, hard in self.hard_negative_terms(batch, out, batch_idx).items():
-                loss = loss + self.hparams[f"{kind}_negatives_weight"] * hard
-            (grad,) = torch.autograd.grad(loss, delta)
-        step = grad / grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        delta = delta.detach() + 1.25 * eps * step
-        delta = delta * (eps / delta.flatten(1).norm(dim=1).clamp_min(eps)).view(-1, 1, 1, 1)  # into the ball
-        return (image + delta).clamp(-1, 1).detach()
-
-    def hard_negative_terms(
-        self, batch: dict[str, Any], out: dict[str, torch.Tensor], batch_idx: int
-    ) -> dict[str, torch.Tensor]:
-        """The hard-negative terms with a non-zero weight, unweighted: {"shape": …, "position": …}."""
-        terms = {}
-        for kind, term in (("shape", self.shape_negatives_loss), ("position", self.position_negatives_loss)):
-            if self.hparams[f"{kind}_negatives_weight"]:
-                terms[kind] = term(batch, out, batch_idx)
-        return terms
-
     def shape_negatives_loss(
         self, batch: dict[str, Any], out: dict[str, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
         """Cross-entropy of each image over its own caption and that caption's `shape_swaps` (label 0)."""
         rng = random.Random(batch_idx)  # which shape word is swapped: fixed per step, so reruns agree
-        return self.caption_negatives_loss(out, [shape_swaps(c, rng) for c in batch["caption"]])
-
-    def position_negatives_loss(
-        self, batch: dict[str, Any], out: dict[str, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
-        """Cross-entropy of each image over its own caption and that caption's `position_swaps` (label 0)."""
-        rng = random.Random(f"position-{batch_idx}")  # its own stream, independent of the shape swaps
-        return self.caption_negatives_loss(out, [position_swaps(c, rng) for c in batch["caption"]])
+        shapes = self.hparams.shapes
+        return self.caption_negatives_loss(out, [shape_swaps(c, rng, shapes) for c in batch["caption"]])
 
     def caption_negatives_loss(
         self, out: dict[str, torch.Tensor], negatives: list[list[str]]
@@ -350,7 +293,8 @@ def artefact_config(cfg: DictConfig) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "model_cfg": architecture(cfg),
-        "data": {"image_size": data.image_size, "batch_size": data.batch_size, "n_train": n_train(cfg)},
+        "data": {"image_size": data.image_size, "batch_size": data.batch_size, "n_train": n_train(cfg)}
+        | _world_key(cfg),
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
         "loss": _loss_key(cfg),
         "seed": cfg.seed,
@@ -360,10 +304,16 @@ def artefact_config(cfg: DictConfig) -> dict[str, Any]:
     }
 
 
+def _world_key(cfg: DictConfig) -> dict[str, Any]:
+    """``{"world": …}`` for a world other than the full one; nothing for the full world (earlier keys hold)."""
+    key = World.from_config(cfg.data.get("world")).key()
+    return {} if key is None else {"world": key}
+
+
 def _loss_key(cfg: DictConfig) -> dict[str, Any]:
     """The loss settings; an unused hard-negative term is left out, so keys made before it existed still hold."""
     loss = OmegaConf.to_container(cfg.loss, resolve=True)
-    optional = ("shape_negatives_weight", "position_negatives_weight", "adversarial_eps")
+    optional = ("shape_negatives_weight",)
     for unused in [k for k in optional if not loss.get(k)]:
         loss.pop(unused, None)
     return loss
@@ -377,6 +327,7 @@ def build_module(cfg: DictConfig) -> ContrastiveCLIP:
         **optim,
         **cfg.loss,
         retrieval_batch=cfg.eval.retrieval_batch,
+        shapes=World.from_config(cfg.data.get("world")).shapes,
         status_every=cfg.get("status_every") or 0,
     )
 
