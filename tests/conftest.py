@@ -62,6 +62,55 @@ def stub_world_artefacts():
     register_resolvers(replace=True)
 
 
+@pytest.fixture
+def untrained_world_artefacts(tmp_path, monkeypatch):
+    """The embedded world's artefacts without any training or shipped copy, so an experiment composes *and runs*
+    in seconds whether or not its CLIP and judge are shipped or cached (a changed world's are neither); the
+    numbers mean nothing.
+
+    ``${galip.call:galip.world.shapes_clip,<experiment>,…}`` is a random CLIP of that pretraining's architecture
+    (with the ``config.json`` `load_shapes_clip` reads), ``…judge_file,<world>,<size>`` an untrained small judge
+    of that world; every other ``galip.call`` (shards) runs for real, into a cache under ``tmp_path``. Yields
+    ``{"clip": [paths], "judge": [paths]}``, what was built."""
+    import json
+
+    from galip.clip import load_clip
+    from galip.config import call, register_resolvers
+
+    monkeypatch.setenv("GALIP_CACHE", str(tmp_path / "cache"))
+    built: dict[str, list] = {"clip": [], "judge": []}
+
+    def shapes_clip(experiment: str = "shapes_clip", *overrides):
+        import galip.world.tiny_clip as pc
+
+        model_cfg = pc.architecture(pc.compose_config([f"experiment={experiment}", *map(str, overrides)]))
+        path = tmp_path / "untrained" / f"clip{len(built['clip'])}" / "clip.pt"
+        path.parent.mkdir(parents=True)
+        torch.manual_seed(0)
+        torch.save(load_clip(name=None, model_cfg=model_cfg).model.state_dict(), path)
+        (path.parent / "config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+        built["clip"].append(path)
+        return str(path)
+
+    def judge_file(world=None, image_size=64):
+        from galip.world.judge import Judge, save_judge
+
+        torch.manual_seed(0)
+        judge = Judge(int(image_size), widths=(8, 16), feature_dim=16, hidden_dim=16, world=world)
+        path = save_judge(tmp_path / "untrained" / f"judge{len(built['judge'])}" / "judge.pt", judge)
+        built["judge"].append(path)
+        return str(path)
+
+    stubs = {"galip.world.shapes_clip": shapes_clip, "galip.world.judge_file": judge_file}
+
+    def resolve(target, *args):
+        return stubs[target](*args) if target in stubs else call(target, *args)
+
+    OmegaConf.register_new_resolver("galip.call", resolve, replace=True, use_cache=True)
+    yield built
+    register_resolvers(replace=True)
+
+
 def pytest_collection_modifyitems(config, items):
     """``gpu`` tests run only where CUDA is (and are reported as skipped elsewhere, with the reason)."""
     if torch.cuda.is_available():

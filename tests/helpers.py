@@ -67,6 +67,27 @@ def run_module(
     )
 
 
+def train_in(cfg, directory: str | os.PathLike) -> None:
+    """``galip.train.train(cfg)`` from inside ``directory`` (as a Hydra run starts in its run dir), cwd restored."""
+    from galip.train import train
+
+    cwd = os.getcwd()
+    os.chdir(directory)
+    try:
+        train(cfg)
+    finally:
+        os.chdir(cwd)
+
+
+def patch_rgb(image: Image.Image, xy: tuple[float, float], radius: int = 1):
+    """Mean RGB (float32) of the (2r+1)² pixels around the fractional position ``xy`` of ``image``."""
+    import numpy as np
+
+    x, y = (round(c * image.width) for c in xy)
+    pixels = np.asarray(image, dtype=np.float32)
+    return pixels[y - radius : y + radius + 1, x - radius : x + radius + 1].reshape(-1, 3).mean(0)
+
+
 def run_train(args: Sequence[str], root: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python -m galip.train ARGS`` from ``root`` with outputs under it, offline."""
     return run_module("galip.train", args, root, timeout)

@@ -224,10 +224,13 @@ def test_world_sweeps_are_valid_on_the_four_block_clip(sweep, key, compose, stub
 
 
 @pytest.mark.parametrize("name", COMPONENT_ROWS)
-def test_component_rows_validate_on_the_embedded_world(name, compose, stub_world_artefacts):
-    cfg = compose(["+experiment=demo", "sweep=table3", f"ablation={name}"])
+@pytest.mark.parametrize("experiment", ["demo", "demo_full"])
+def test_component_rows_validate_on_the_embedded_world(name, experiment, compose, stub_world_artefacts):
+    cfg = compose([f"+experiment={experiment}", "sweep=table3", f"ablation={name}"])
     validate(cfg)
-    assert cfg.data.image_size == 64 and cfg.task_name == "table3"
+    # a row changes the model, never the world it is trained on (32 px: the demo's; 64 px: the full one's)
+    assert cfg.data.image_size == {"demo": 32, "demo_full": 64}[experiment] and cfg.task_name == "table3"
+    assert cfg.data.world == compose([f"+experiment={experiment}"]).data.world
 
 
 def write_run(root: Path, name: str, overrides: list[str], judge: list[dict] | None) -> None:

@@ -26,7 +26,7 @@ from galip.metrics.reference import (
     save_reference,
     seed_fid,
 )
-from tests.helpers import compose_config, run_module
+from tests.helpers import compose_config, run_module, train_in
 
 
 class MeanColour(nn.Module):
@@ -252,7 +252,7 @@ def test_clipsim_is_mean_cosine_of_embeddings(tiny_clip):
 # A trained embedded-world run (a few batches), with the periodic evaluation callback
 # ---------------------------------------------------------------------------------------------
 TRAIN_OVERRIDES = [
-    "+experiment=demo",  # with the judge's periodic evaluation
+    "+experiment=demo_full",  # the full world: its shipped 64-px CLIP and judge; with the periodic evaluation
     "callbacks.evaluation.every_n_kimg=0.016",  # batches of 8: after batches 2 and 4
     "callbacks.evaluation.evaluators.judge.n_samples=8",
     "callbacks.sample_grid.every_n_kimg=0",
@@ -268,16 +268,10 @@ TRAIN_OVERRIDES = [
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    from galip.train import train
 
     out = tmp_path_factory.mktemp("run")
     cfg = compose_config(TRAIN_OVERRIDES, output_dir=out)
-    cwd = os.getcwd()
-    os.chdir(out)
-    try:
-        train(cfg)
-    finally:
-        os.chdir(cwd)
+    train_in(cfg, out)
     (out / ".hydra").mkdir(exist_ok=True)  # what @hydra.main writes: the run's config, for .ckpt evaluation
     from omegaconf import OmegaConf
 

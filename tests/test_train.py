@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from galip.config import SLOT_GROUPS, ConfigError, normalize_slot_overrides, validate
-from tests.helpers import CONF_DIR, compose_config, config_names, run_train
+from tests.helpers import CONF_DIR, compose_config, config_names, run_train, train_in
 
 EXPERIMENTS = config_names("experiment")
 
@@ -43,7 +43,7 @@ def test_smoke_experiment_end_to_end(tmp_path):
         assert torch.equal(value, state[f"discriminator.{key}"]), key
     assert not module.training
     result = probe_discriminator(run_dir, n_scenes=4)
-    assert set(result) == {"shape", "colour", "position"}
+    assert set(result) == {"shape", "colour", "size", "position"}  # what the full world's captions name
     assert all(v in (0, 0.25, 0.5, 0.75, 1.0) for v in result.values())
     with pytest.raises(FileNotFoundError, match="training run directory"):
         load_module(tmp_path)
@@ -68,42 +68,109 @@ def test_every_experiment_composes_and_validates(name, compose, stub_world_artef
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves (outside hydra.runtime)
 
 
-def test_the_demo_on_a_32_px_clip_draws_64_px_and_trains(compose, stub_world_artefacts):
-    """clip=shapes_p4_32: the CLIP reads a 32-px view (8×8 grid of 4-pixel patches), G draws the world's
-    64 px, and a GALIP step runs on random CLIP weights (the stubbed path is not loaded)."""
+def test_the_demo_draws_its_world_at_32_px_through_a_4_pixel_patch_clip(compose, stub_world_artefacts):
+    """+experiment=demo: data=shapes_demo (one object in the centre, 32 px) and clip=shapes_demo (a 32-px CLIP,
+    8×8 grid of 4-pixel patches); G draws the world's 32 px and a GALIP step's shapes hold on random CLIP
+    weights (the stubbed path is not loaded)."""
     import torch
     from hydra.utils import instantiate
 
     from galip.clip import load_clip
     from galip.loading import build_module
+    from galip.world.scenes import World
 
-    cfg = compose(["+experiment=demo", "clip=shapes_p4_32"])
+    cfg = compose(["+experiment=demo"])
     validate(cfg)
+    assert cfg.task_name == "demo" and cfg.kimg == 51.2
     vision = cfg.clip.model_cfg.vision_cfg
-    assert (vision.image_size, vision.patch_size, cfg.model.generator.image_size) == (32, 4, 64)
+    assert (vision.image_size, vision.patch_size, cfg.data.image_size, cfg.model.generator.image_size) == (
+        32,
+        4,
+        32,
+        32,
+    )
+    world = World.from_config(cfg.data.world)
+    assert not world.is_full and world.positions == ("centre",) and world.max_objects == 1
+    assert "cross" in world.shapes
     assert cfg.clip.path == "<galip.world.shapes_clip>"
     clip = load_clip(name=None, model_cfg=OmegaConf.to_container(cfg.clip.model_cfg))
     module = build_module(cfg, clip)
     fake = module.generator(torch.randn(2, 100), torch.randn(2, 64))
-    assert fake.shape == (2, 3, 64, 64) and clip.geometry.grid == 8
+    assert fake.shape == (2, 3, 32, 32) and clip.geometry.grid == 8
     taps, emb = module.d_input.fake(fake)
     assert taps.shape[-2:] == (8, 8) and emb.shape == (2, 64)
-    assert instantiate(cfg.model.generator)(clip=clip).image_size == 64
+    assert instantiate(cfg.model.generator)(clip=clip).image_size == 32
 
 
-def test_the_robust_clip_option_asks_for_the_adversarially_pretrained_clip(compose, monkeypatch):
-    """clip=shapes_robust resolves through the shapes-CLIP cache with the adversarial pretraining override
-    (pretraining is stubbed: the artefact is not shipped)."""
+def test_demo_full_is_the_demo_on_the_full_world(compose, stub_world_artefacts):
+    """+experiment=demo_full: the demo's model, optimiser, trainer and judge on data=shapes (the full world,
+    64 px) with the 64-px shapes CLIP (clip=shapes) and the default (shipped) judge."""
+    full, demo = compose(["+experiment=demo_full"]), compose(["+experiment=demo"])
+    validate(full)
+    assert full.task_name == "demo_full" and full.kimg == 25.6
+    assert full.data.world is None and full.data.image_size == 64 == full.model.generator.image_size
+    vision = full.clip.model_cfg.vision_cfg
+    assert (vision.image_size, vision.patch_size) == (64, 8)
+    judge = full.callbacks.evaluation.evaluators.judge
+    assert judge.world is None and judge.image_size == 64
+    assert demo.callbacks.evaluation.evaluators.judge.world == demo.data.world
+    for key in ("model", "optim", "trainer", "callbacks.evaluation", "callbacks.checkpoint"):
+        a, b = (OmegaConf.to_container(OmegaConf.select(c, key), resolve=False) for c in (full, demo))
+        assert a == b, key
+    assert full.data.batch_size == demo.data.batch_size and full.data.num_workers == demo.data.num_workers
+
+
+@pytest.mark.parametrize(
+    ("experiment", "pretraining"), [("demo", "shapes_demo_clip"), ("demo_full", "shapes_clip")]
+)
+def test_each_demo_asks_for_the_clip_pretrained_on_its_world(experiment, pretraining, compose, monkeypatch):
+    """clip.path resolves through the shapes-CLIP cache with that pretraining experiment, whose world and image
+    size are the run's data's (pretraining is stubbed: the demo's CLIP is not shipped)."""
     import galip.world.tiny_clip as pc
     from galip.config import register_resolvers
+    from galip.world.scenes import World
 
     asked = []
-    monkeypatch.setattr(pc, "ensure", lambda cfg, logs_beside=False: asked.append(cfg) or "<robust clip.pt>")
+    monkeypatch.setattr(pc, "ensure", lambda cfg, logs_beside=False: asked.append(cfg) or "<clip.pt>")
     register_resolvers(replace=True)
-    cfg = compose(["+experiment=demo", "clip=shapes_robust"])
-    assert cfg.clip.path == "<robust clip.pt>" and cfg.clip.model_cfg.vision_cfg.patch_size == 8
+    try:
+        cfg = compose([f"+experiment={experiment}"])
+        assert cfg.clip.path == "<clip.pt>"
+    finally:
+        register_resolvers(replace=True)  # forget the cached stubbed value
     (pretrain_cfg,) = asked
-    assert pretrain_cfg.loss.adversarial_eps == 1.5 and pretrain_cfg.loss.shape_negatives_weight == 1.0
+    assert pc.compose_config([f"experiment={pretraining}"]) == pretrain_cfg
+    assert World.from_config(pretrain_cfg.data.get("world")) == World.from_config(cfg.data.world)
+    assert pretrain_cfg.data.image_size == cfg.data.image_size
+    assert pc.architecture(pretrain_cfg) == OmegaConf.to_container(cfg.clip.model_cfg)
+    assert pretrain_cfg.loss.shape_negatives_weight > 0  # the recipe's shape negatives, on the world's shapes
+    assert tuple(pc.build_module(pretrain_cfg).hparams.shapes) == World.from_config(cfg.data.world).shapes
+
+
+def test_the_demo_runs_a_few_steps_without_pretrained_artefacts(tmp_path, untrained_world_artefacts):
+    """+experiment=demo trains and is judged on its own world (a random CLIP and an untrained judge of that world
+    stand in for its artefacts; shards are written): the judge reports the attributes its captions name."""
+    import json
+
+    cfg = compose_config(
+        [
+            "+experiment=demo",
+            "data.n_train=16",
+            "data.n_val=8",
+            "data.batch_size=8",
+            "kimg=0.016",  # 2 batches of 8
+            "callbacks.evaluation.every_n_kimg=0.016",
+            "callbacks.evaluation.evaluators.judge.n_samples=8",
+            "callbacks.sample_grid.every_n_kimg=0",
+        ],
+        output_dir=tmp_path / "run",
+    )
+    train_in(cfg, tmp_path)
+    assert len(untrained_world_artefacts["clip"]) == len(untrained_world_artefacts["judge"]) == 1
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    (line,) = [json.loads(x) for x in (tmp_path / "run" / "evaluation.jsonl").read_text().splitlines()]
+    judged = {k.removeprefix("eval/judge/") for k in line["metrics"] if k.startswith("eval/judge/acc")}
+    assert judged == {"acc", "acc_shape", "acc_colour", "acc_size", "acc_background", "acc_count"}
 
 
 def test_default_config_composes_and_validates(compose):

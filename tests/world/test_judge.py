@@ -27,7 +27,7 @@ from galip.world.judge import (
     to_unit_range,
     train_judge,
 )
-from galip.world.scenes import ShapesWorld
+from galip.world.scenes import ShapesWorld, World
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +111,74 @@ def test_accuracy_exact_fractions():
     assert acc["judge/scene_acc"] == 0.0
     pred["colour"][0, 0] = 1
     assert attribute_accuracy(pred, target)["judge/scene_acc"] == 0.5
+
+
+ONE_PLACE = World(positions=("centre",), max_objects=1, sizes={"small": 0.2, "large": 0.3})
+
+
+def test_accuracy_in_a_one_place_world_leaves_out_position():
+    """A world with one place never names it: no acc_position, and acc is the mean of the attributes named."""
+    assert ONE_PLACE.named == ("shape", "colour", "size")
+    t = torch.tensor([[(0, 1, 0, 0)], [(1, 2, 1, 0)], [(2, 3, 0, 0)], [(3, 0, 1, 0)]])  # [B=4, 1 slot, 4]
+    target = {a: t[..., i] for i, a in enumerate(ATTRIBUTES)}
+    pred = {k: v.clone() for k, v in target.items()}
+    pred["colour"][0, 0] = 5  # one colour wrong in four: 3/4
+    pred["shape"][1:3, 0] = 0  # two shapes wrong (image 1, 2): 2/4
+    pred["position"][:] = 3  # a position head's answer is not asked
+    acc = attribute_accuracy(pred, target, attributes=ONE_PLACE.named)
+    assert "judge/acc_position" not in acc
+    assert {k for k in acc if k.startswith("judge/acc_")} == {
+        "judge/acc_colour",
+        "judge/acc_shape",
+        "judge/acc_size",
+    }
+    assert acc["judge/acc_colour"] == 0.75 and acc["judge/acc_shape"] == 0.5 and acc["judge/acc_size"] == 1.0
+    assert acc["judge/acc"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+    assert acc["judge/scene_acc"] == 0.25  # only image 3 is right in every named attribute
+    full = attribute_accuracy(pred, target)  # the full world's four: position counts (and is all wrong)
+    assert full["judge/acc_position"] == 0.0 and full["judge/acc"] == pytest.approx((0.75 + 0.5 + 1.0) / 4)
+
+
+def test_a_judge_of_another_world_has_that_worlds_heads_and_keeps_it_in_its_file(tmp_path):
+    torch.manual_seed(0)
+    judge = Judge(32, widths=(8, 16), feature_dim=16, hidden_dim=16, world=ONE_PLACE).eval()
+    assert (
+        judge.slots == 1
+        and judge.vocab == ONE_PLACE.vocab()
+        and judge.config["world"] == ONE_PLACE.as_config()
+    )
+    logits = judge(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert logits["shape"].shape == (2, 1, len(ONE_PLACE.shapes)) and logits["position"].shape == (2, 1, 1)
+    assert logits["n_objects"].shape == (2, 2)
+    assert "world" not in Judge(32, widths=(8, 16), feature_dim=16, hidden_dim=16).config  # the full world's
+    loaded = load_judge(save_judge(tmp_path / "judge.pt", judge))
+    assert loaded.world == ONE_PLACE and loaded.slots == 1
+    world = ShapesWorld(0, "val", 16, 32, ONE_PLACE)
+    metrics = evaluate_judge(loaded, world, batch_size=8)
+    assert "judge/acc_position" not in metrics and "judge/acc_size" in metrics
+    assert metrics == evaluate_judge(judge, world, batch_size=8)
+    # a file whose vocabulary is not its world's is refused
+    payload = torch.load(tmp_path / "judge.pt", weights_only=True)
+    payload["vocab"]["shape"] = ["circle", "square", "triangle", "cross"]
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="vocabulary"):
+        load_judge(tmp_path / "bad.pt")
+
+
+def test_the_evaluator_refuses_a_judge_of_another_world(tmp_path):
+    torch.manual_seed(0)
+    small = {"widths": (8, 16), "feature_dim": 16, "hidden_dim": 16}
+    one_place = save_judge(tmp_path / "one_place" / "judge.pt", Judge(32, **small, world=ONE_PLACE))
+    full = save_judge(tmp_path / "full" / "judge.pt", Judge(32, **small))
+    for path, world in ((one_place, None), (one_place, World(max_objects=1)), (full, ONE_PLACE)):
+        with pytest.raises(ValueError, match="reads another world"):
+            JudgeEvaluator(path, n_samples=4, image_size=32, world=world).judge()
+    # the same world, given as a config's mapping, is accepted
+    evaluator = JudgeEvaluator(
+        one_place, n_samples=4, batch_size=4, image_size=32, world=ONE_PLACE.as_config()
+    )
+    assert evaluator.judge().world == ONE_PLACE
+    assert JudgeEvaluator(full, n_samples=4, image_size=32).judge().world.is_full
 
 
 def test_accuracy_scene_heads_optional():

@@ -1,10 +1,9 @@
-"""The embedded world's scenes: determinism, caption/pixel agreement, splits, swaps, shard sets, datamodule."""
+"""The embedded world's scenes: determinism, caption/pixel agreement, splits, shard sets, datamodule."""
 
 import numpy as np
 import open_clip
 import pytest
 import torch
-from PIL import Image
 
 from galip.data import check_batch
 from galip.world import artefacts
@@ -17,19 +16,12 @@ from galip.world.scenes import (
     Scene,
     ShapesDataModule,
     ShapesWorld,
+    World,
     n_objects_probs,
-    position_swaps,
     sample_scene,
-    shape_or_position_swap,
-    shape_swaps,
     write_shapes_shards,
 )
-
-
-def _patch_rgb(image: Image.Image, xy: tuple[float, float], radius: int = 1) -> np.ndarray:
-    x, y = (round(c * image.width) for c in xy)
-    pixels = np.asarray(image, dtype=np.float32)
-    return pixels[y - radius : y + radius + 1, x - radius : x + radius + 1].reshape(-1, 3).mean(0)
+from tests.helpers import patch_rgb
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +60,8 @@ def test_pixels_match_the_caption(obj, background):
     caption = scene.caption(0)
     assert obj.colour in caption and obj.shape in caption and background in caption
     image = scene.render(64)
-    assert np.allclose(_patch_rgb(image, POSITIONS[obj.position]), COLOURS[obj.colour], atol=2)
-    assert np.allclose(_patch_rgb(image, (0.03, 0.03)), BACKGROUNDS[background], atol=2)
+    assert np.allclose(patch_rgb(image, POSITIONS[obj.position]), COLOURS[obj.colour], atol=2)
+    assert np.allclose(patch_rgb(image, (0.03, 0.03)), BACKGROUNDS[background], atol=2)
 
 
 def test_each_object_of_a_scene_is_drawn_where_labelled():
@@ -78,7 +70,7 @@ def test_each_object_of_a_scene_is_drawn_where_labelled():
         scene = sample_scene(rng)
         image = scene.render(64)
         for obj in scene.objects:
-            assert np.allclose(_patch_rgb(image, POSITIONS[obj.position]), COLOURS[obj.colour], atol=2)
+            assert np.allclose(patch_rgb(image, POSITIONS[obj.position]), COLOURS[obj.colour], atol=2)
 
 
 def test_objects_never_overlap():
@@ -101,45 +93,45 @@ def test_splits_never_share_a_scene():
     assert all(val.scene(i)[0].split() == "val" for i in range(20))
 
 
-def test_max_objects_draws_the_simpler_part_of_the_world():
-    one = ShapesWorld(seed=0, split="val", length=40, max_objects=1)
-    two = ShapesWorld(seed=0, split="val", length=80, max_objects=2)
+def test_a_world_of_fewer_objects_draws_the_simpler_part_of_the_full_world():
+    one = ShapesWorld(seed=0, split="val", length=40, world=World(max_objects=1))
+    two = ShapesWorld(seed=0, split="val", length=80, world={"max_objects": 2})  # a config's mapping
     assert {len(one.scene(i)[0].objects) for i in range(40)} == {1}
     assert {len(two.scene(i)[0].objects) for i in range(80)} == {1, 2}
-    for i in range(5):  # still the world: same splits, labels in the same three slots
+    for i in range(5):  # still the full world's words and splits; one label slot per object it may hold
         scene = one.scene(i)[0]
         assert scene.split() == "val"
-        assert one[i]["labels"]["shape"].tolist()[1:] == [-1, -1]
-    # the whole world is what it was: max_objects=3 keeps N_OBJECTS_PROBS as written
-    default, full = ShapesWorld(seed=0, length=30), ShapesWorld(seed=0, length=30, max_objects=3)
-    assert [default.scene(i)[0].spec() for i in range(30)] == [full.scene(i)[0].spec() for i in range(30)]
+        assert one[i]["labels"]["shape"].shape == (1,) and two[i]["labels"]["shape"].shape == (2,)
+        assert one[i]["labels"]["position"].item() == World().positions.index(scene.objects[0].position)
+        assert " ".join(scene.objects[0].spec().split("@")[0].split()) in one[i]["caption"]
+    # the full world is what it was: None, World() and its mapping keep N_OBJECTS_PROBS as written
+    default = ShapesWorld(seed=0, length=30)
+    for full in (ShapesWorld(seed=0, length=30, world=World()), ShapesWorld(seed=0, length=30, world={})):
+        assert [default.scene(i)[0].spec() for i in range(30)] == [full.scene(i)[0].spec() for i in range(30)]
     assert n_objects_probs(1) == (1.0,)
     assert n_objects_probs(2) == pytest.approx((0.4 / 0.75, 0.35 / 0.75))
     with pytest.raises(ValueError, match="max_objects"):
-        ShapesWorld(max_objects=4)
+        ShapesWorld(world={"max_objects": 4})
 
 
-def test_shard_keys_name_max_objects_only_below_the_whole_world(tmp_path, monkeypatch):
+def test_shard_keys_name_the_world_only_when_it_is_not_the_full_one(tmp_path, monkeypatch):
     written = []
     monkeypatch.setattr(artefacts, "artefact_dir", lambda kind, config: written.append(config) or tmp_path)
     monkeypatch.setattr(artefacts, "write_shapes_shards", lambda *a, **k: written.append(k))
     monkeypatch.setattr(artefacts, "write_config", lambda *a: None)
-    artefacts.ensure_shapes_shards(8, 4, 16, 0)
-    artefacts.ensure_shapes_shards(8, 4, 16, 0, max_objects=1)
-    assert "max_objects" not in written[0] and written[1]["max_objects"] == 3
-    assert written[2]["max_objects"] == 1 and written[3]["max_objects"] == 1
-
-
-def test_shape_or_position_swap_changes_one_of_the_two():
-    import random
-
-    caption = "a small red circle on the left and a large blue square at the top, on a grey background"
-    drawn = [shape_or_position_swap(caption, random.Random(i)) for i in range(40)]
-    every_shape = {c for i in range(40) for c in shape_swaps(caption, random.Random(i))}
-    every_place = {c for i in range(40) for c in position_swaps(caption, random.Random(i))}
-    assert set(drawn) <= every_shape | every_place
-    assert set(drawn) & every_shape and set(drawn) & every_place
-    assert shape_or_position_swap("a red thing", random.Random(0)) is None
+    one = World(max_objects=1)
+    for world in (None, World(), {}, one, {"max_objects": 1}):
+        artefacts.ensure_shapes_shards(8, 4, 16, 0, world=world)
+    keys, writes = written[0::2], written[1::2]
+    assert (
+        keys[0] == keys[1] == keys[2] == {"n_train": 8, "n_val": 4, "image_size": 16, "seed": 0, "format": 1}
+    )
+    assert keys[3] == keys[4] == {**keys[0], "world": one.key()}
+    assert one.key()["max_objects"] == 1 and "max_objects" not in keys[3]  # the old spelling is gone
+    assert [w["world"] for w in writes] == [World(), World(), World(), one, one]
+    # and the string form the config resolver passes: a world mapping from the composed config
+    assert artefacts.shapes_shards("8", "4", "16", "0", None) == str(tmp_path)
+    assert written[-2] == keys[0]
 
 
 def test_shapes_datamodule_in_memory_and_from_shards(tmp_path, tokenizer):

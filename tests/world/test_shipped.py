@@ -37,7 +37,9 @@ def test_the_configs_keys_are_the_shipped_clip_and_judge(data):
     assert (clip_dir / "clip.pt").is_file()
     world, image_size = data_world(data)
     judge = cached_judge_path(world_judge_config(world, image_size))
-    assert judge == SHIPPED_ROOT / "judge" / judge_key / "judge.pt", f"data={data}'s judge is not the shipped one"
+    assert judge == SHIPPED_ROOT / "judge" / judge_key / "judge.pt", (
+        f"data={data}'s judge is not the shipped one"
+    )
     # the CLIP was pretrained on the world and at the size the data preset trains on
     assert World.from_config(pretrain.data.get("world")) == world
     assert pretrain.data.image_size == image_size

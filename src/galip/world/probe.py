@@ -8,9 +8,10 @@ CLIP loss can only pass on what this CLIP sees.
     python -m galip.world.probe                      # the full world's shapes CLIP (shipped or cached)
     python -m galip.world.probe --data shapes_demo   # the demo world and its CLIP
     python -m galip.world.probe path/to/clip.pt 400  # another checkpoint of the tiny architecture, N scenes
-    python -m galip.world.probe --generator outputs/demo/<time>/generator.safetensors
+    python -m galip.world.probe --data shapes_demo --generator outputs/demo/<time>/generator.safetensors
     python -m galip.world.probe --discriminator outputs/demo/<time>   # the run's trained D, real scenes
     python -m galip.world.probe --judge-shapes outputs/demo/<time>/generator.safetensors  # what G draws
+    (each with ``--data shapes_demo`` for the demo world's scenes, judge and CLIP; the default is the full world)
 
 With ``--generator``, the images are a trained generator's samples for the scenes' captions instead, probed
 by the generator's own frozen CLIP: does that CLIP *believe* G drew the captioned shape? Set beside the
@@ -34,7 +35,7 @@ from galip.loading import load_module
 from galip.sampling import Sampler
 from galip.world.artefacts import data_world, judge_file, load_shapes_clip, shapes_clip
 from galip.world.judge import confusion, load_judge
-from galip.world.scenes import FULL_WORLD, SHAPES, Scene, ShapesWorld, World, pil_to_tensor
+from galip.world.scenes import FULL_WORLD, Scene, ShapesWorld, World, pil_to_tensor
 
 
 def probed(world: World = FULL_WORLD) -> dict[str, tuple[str, ...]]:
@@ -76,15 +77,17 @@ def attribute_probe(
     images: torch.Tensor | None = None,
     score: Score | None = None,
     world: World | None = None,
+    image_size: int = 64,
 ) -> dict[str, float]:
     """Fraction of val scenes of ``world`` (default: the full one) where the true caption beats every
     single-attribute swap, per attribute its captions name.
 
     ``images``: [n_scenes, 3, H, W] in [-1, 1] to probe instead of the rendered scenes (e.g. samples for
     `val_captions`); row i stands for val scene i. ``score``: what ranks the captions (default
-    `clip_score` of ``clip``; `discriminator_score` asks a trained D instead).
+    `clip_score` of ``clip``; `discriminator_score` asks a trained D instead). ``image_size``: the world's
+    (its data preset's) image size; scenes render at it, or at CLIP's input size if that is larger.
     """
-    world = ShapesWorld(seed, "val", n_scenes, probe_size(clip, world), world)
+    world = ShapesWorld(seed, "val", n_scenes, probe_size(clip, image_size), world)
     if images is not None and len(images) != n_scenes:
         raise ValueError(f"{len(images)} images for {n_scenes} scenes")
     score = score or clip_score(clip)
@@ -110,16 +113,16 @@ def _candidates(scene: Scene, k: int, attribute: str) -> tuple[str, ...]:
     return tuple(p for p in values if p not in taken)
 
 
-def probe_size(clip: FrozenCLIP, world: World | None = None) -> int:
+def probe_size(clip: FrozenCLIP, world_size: int = 64) -> int:
     """The size scenes are rendered at for a probe: CLIP's input size, but at least the world's (64 px for
     the full world, 32 for the demo's), so a CLIP that reads a smaller view sees the world through its own
     resize, as GALIP shows it real and generated images."""
-    return max(clip.geometry.image_size, 64 if world is None or World.from_config(world).is_full else 32)
+    return max(clip.geometry.image_size, world_size)
 
 
-def val_captions(n_scenes: int, seed: int = 0) -> list[str]:
+def val_captions(n_scenes: int, seed: int = 0, world: World | None = None) -> list[str]:
     """The captions `attribute_probe` treats as true for its ``n_scenes`` val scenes."""
-    world = ShapesWorld(seed=seed, split="val", length=n_scenes)
+    world = ShapesWorld(seed=seed, split="val", length=n_scenes, world=world)
     return [world.scene(i)[0].caption(i) for i in range(n_scenes)]
 
 
@@ -131,51 +134,68 @@ def _swapped(scene: Scene, k: int, attribute: str, value: str) -> Scene:
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    world, image_size, data = FULL_WORLD, 64, None
+    if (
+        "--data" in argv
+    ):  # another world's preset (its scenes, judge and, by default, CLIP): --data shapes_demo
+        i = argv.index("--data")
+        data, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
+        world, image_size = data_world(data)
     if argv[:1] == ["--generator"]:
-        return probe_generator(argv[1], int(argv[2]) if len(argv) > 2 else 400)
+        return probe_generator(
+            argv[1], int(argv[2]) if len(argv) > 2 else 400, world=world, image_size=image_size
+        )
     if argv[:1] == ["--judge-shapes"]:
-        return judge_shapes(argv[1], int(argv[2]) if len(argv) > 2 else 256)
+        n = int(argv[2]) if len(argv) > 2 else 256
+        return judge_shapes(argv[1], n, world=world, image_size=image_size)
     if argv[:1] == ["--discriminator"]:
-        return probe_discriminator(argv[1], int(argv[2]) if len(argv) > 2 else 400)
-    world = None
-    if argv[:1] == ["--data"]:  # another world's preset and, by default, its CLIP: --data shapes_demo
-        data, argv = argv[1], argv[2:]
-        world = data_world(data)[0]
-        argv = argv or [shapes_clip(f"{data}_clip")]
+        n = int(argv[2]) if len(argv) > 2 else 400
+        return probe_discriminator(argv[1], n, world=world, image_size=image_size)
+    if data is not None and not argv:
+        argv = [shapes_clip(f"{data}_clip")]
     path = argv[0] if argv else None
     n_scenes = int(argv[1]) if len(argv) > 1 else 400
-    result = attribute_probe(load_shapes_clip(path), n_scenes, world=world)
-    return _print(path or "shapes CLIP", n_scenes, result, world or FULL_WORLD)
+    result = attribute_probe(load_shapes_clip(path), n_scenes, world=world, image_size=image_size)
+    return _print(path or "shapes CLIP", n_scenes, result, world)
 
 
-def probe_generator(export: str | Path, n_scenes: int = 400, seed: int = 0) -> dict[str, float]:
+def probe_generator(
+    export: str | Path, n_scenes: int = 400, seed: int = 0, world: World = FULL_WORLD, image_size: int = 64
+) -> dict[str, float]:
     """`attribute_probe` of an exported generator's own CLIP on its samples (one per val caption)."""
     sampler = Sampler.from_file(export)
-    images = sampler.generate(val_captions(n_scenes), n=1, seed=seed, batch_size=64)
-    return _print(f"{export} (samples)", n_scenes, attribute_probe(sampler.clip, n_scenes, images=images))
+    images = sampler.generate(val_captions(n_scenes, world=world), n=1, seed=seed, batch_size=64)
+    result = attribute_probe(sampler.clip, n_scenes, images=images, world=world, image_size=image_size)
+    return _print(f"{export} (samples)", n_scenes, result, world)
 
 
-def probe_discriminator(run_dir: str | Path, n_scenes: int = 400) -> dict[str, float]:
+def probe_discriminator(
+    run_dir: str | Path, n_scenes: int = 400, world: World = FULL_WORLD, image_size: int = 64
+) -> dict[str, float]:
     """`attribute_probe` of a training run's D (``<run>/checkpoints/last.ckpt``) on real val scenes."""
     module = load_module(run_dir)
     score = discriminator_score(module)
-    return _print(f"{run_dir} (D)", n_scenes, attribute_probe(module.clip, n_scenes, score=score))
+    result = attribute_probe(module.clip, n_scenes, score=score, world=world, image_size=image_size)
+    return _print(f"{run_dir} (D)", n_scenes, result, world)
 
 
-def judge_shapes(export: str | Path, n_scenes: int = 256, seed: int = 0) -> torch.Tensor:
+def judge_shapes(
+    export: str | Path, n_scenes: int = 256, seed: int = 0, world: World = FULL_WORLD, image_size: int = 64
+) -> torch.Tensor:
     """The independent judge's shape confusion on G's samples: [captioned shape, shape the judge sees]."""
-    world = ShapesWorld(seed=seed, split="val", length=n_scenes)
-    samples = [world[i] for i in range(n_scenes)]
+    scenes = ShapesWorld(seed, "val", n_scenes, image_size, world)
+    samples = [scenes[i] for i in range(n_scenes)]
     sampler = Sampler.from_file(export)
     images = sampler.generate([s["caption"] for s in samples], n=1, seed=seed, batch_size=64)
-    judge = load_judge(judge_file()).eval()
+    judge = load_judge(judge_file(world, image_size)).eval()
     with torch.no_grad():
         pred = judge.predict(images)["shape"]
-    counts = confusion(pred, torch.stack([s["labels"]["shape"] for s in samples]), len(SHAPES))
+    shapes = world.shapes
+    counts = confusion(pred, torch.stack([s["labels"]["shape"] for s in samples]), len(shapes))
     accuracy = counts.diagonal().sum() / counts.sum()
     print(f"{export}: judge's shape on G's samples for {n_scenes} val captions, accuracy {accuracy:.3f}")
-    print("captioned \\ seen " + " ".join(f"{s:>8}" for s in SHAPES))
-    for name, row in zip(SHAPES, counts.tolist(), strict=True):
+    print("captioned \\ seen " + " ".join(f"{s:>8}" for s in shapes))
+    for name, row in zip(shapes, counts.tolist(), strict=True):
         print(f"{name:>16} " + " ".join(f"{c:>8}" for c in row))
     return counts
 
