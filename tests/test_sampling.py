@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -211,8 +212,8 @@ def test_sample_cli(export_path, tmp_path):
         "prompts.txt",
     ]
     assert (out / "prompts.txt").read_text() == "a\nb\n"
-    with Image.open(out / "grid.png") as im:
-        assert im.size == (2 * SIZE + 3 * 2, 2 * SIZE + 3 * 2)
+    with Image.open(out / "grid.png") as im:  # the images, and the prompts written to the left of their rows
+        assert im.size[1] == 2 * SIZE + 3 * 2 and im.size[0] > 2 * SIZE + 3 * 2
     assert "4 images (2 per prompt, seed 0)" in proc.stdout
     assert not (tmp_path / "outputs").exists()  # hydra.run.dir is "." and no .hydra subdir
 
@@ -274,3 +275,52 @@ def compose_cli(name: str, overrides: list[str]):
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(config_name=name, overrides=overrides)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a newcomer types: one prompt as a string, empty or long prompts, default output places
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_prompt_string_is_one_prompt(sampler):
+    one = sampler.generate("a red circle", n=2, seed=3)
+    assert one.shape[0] == 2
+    close(one, sampler.generate(["a red circle"], n=2, seed=3))
+
+
+@pytest.mark.parametrize(
+    ("prompts", "n", "message"),
+    [([], 1, "no prompts"), (["a red circle", "  "], 1, "prompt 1 is empty"), ("a red circle", 0, "n=0")],
+)
+def test_empty_prompts_and_no_images_are_errors(sampler, prompts, n, message):
+    with pytest.raises(ValueError, match=message):
+        sampler.generate(prompts, n=n)
+
+
+def test_a_prompt_longer_than_clip_reads_warns_with_the_lost_words(sampler):
+    long = " ".join(["red"] * 80) + " circle"
+    with pytest.warns(
+        UserWarning, match=r"prompt 0 is 81 tokens; CLIP reads the first 75, so 'red .*circle' is cut"
+    ):
+        sampler.generate(long)
+
+
+def test_sample_cli_one_prompt_default_place_and_readable_export(export_path, tmp_path):
+    mask = os.umask(0)
+    os.umask(mask)
+    assert export_path.stat().st_mode & 0o777 == 0o666 & ~mask  # not safetensors' 0600
+    proc = run_module("galip.sample", [f"ckpt={export_path}", "prompts=a red circle", "n=1"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (out,) = (tmp_path / "outputs" / "sample").iterdir()  # outputs/sample/<time>/, git-ignored like every run
+    assert (out / "prompts.txt").read_text() == "a red circle\n"
+    assert sorted(p.name for p in out.iterdir()) == ["000_0000.png", "grid.png", "prompts.txt"]
+    assert not (tmp_path / "samples").exists()
+
+
+def test_sample_cli_empty_prompt_is_a_one_line_error(export_path, tmp_path):
+    proc = run_module("galip.sample", [f"ckpt={export_path}", "prompts=[]"], tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "galip: no prompts given: pass at least one, e.g. prompts='a red circle'"
+    ]
+    assert not (tmp_path / "outputs").exists()

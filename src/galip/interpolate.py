@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from galip.sampling import (
     Sampler,
+    as_prompts,
     interpolate_noise,
     interpolate_prompts,
     run_export_cli,
@@ -19,7 +20,7 @@ from galip.sampling import (
 
 def interpolate(cfg: DictConfig) -> Path:
     sampler = Sampler.from_file(cfg.ckpt, device=cfg.device)
-    prompts = list(cfg.prompts)
+    prompts = as_prompts(cfg.prompts)  # a string is one prompt
     if cfg.mode == "noise":
         images = interpolate_noise(sampler, prompts[0], cfg.steps, tuple(cfg.seeds))
     elif cfg.mode == "prompts":

@@ -10,12 +10,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from galip.sampling import Sampler, run_export_cli, save_grid, save_singles
+from galip.sampling import Sampler, as_prompts, run_export_cli, save_grid, save_singles
 
 
 def sample(cfg: DictConfig) -> Path:
     sampler = Sampler.from_file(cfg.ckpt, device=cfg.device)
-    prompts = list(cfg.prompts)
+    prompts = as_prompts(cfg.prompts)  # a string is one prompt
     images = sampler.generate(prompts, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size)
     out = Path(cfg.out_dir)
     grid = save_grid(images, out / "grid.png", nrow=cfg.n, row_labels=prompts)

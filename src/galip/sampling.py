@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -40,8 +41,10 @@ class Sampler:
     def clip(self):
         return self.generator.clip
 
-    def sentence_vectors(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.clip.encode_text(self.clip.tokenize(list(prompts)).to(self.device))
+    def sentence_vectors(self, prompts: str | Sequence[str]) -> torch.Tensor:
+        prompts = as_prompts(prompts)
+        warn_cut_prompts(prompts, self.clip.tokenizer)
+        return self.clip.encode_text(self.clip.tokenize(prompts).to(self.device))
 
     def noise(self, count: int, seed: int) -> torch.Tensor:
         """All noise is drawn up front on the CPU, so results do not depend on the batch size or device."""
@@ -57,11 +60,41 @@ class Sampler:
         return torch.cat(out)
 
     def generate(
-        self, prompts: Sequence[str], n: int = 1, seed: int = 0, batch_size: int = 16
+        self, prompts: str | Sequence[str], n: int = 1, seed: int = 0, batch_size: int = 16
     ) -> torch.Tensor:
-        """``n`` images per prompt, prompt-major: rows [p0 × n, p1 × n, …]."""
+        """``n`` images per prompt, prompt-major: rows [p0 × n, p1 × n, …]. A string is one prompt."""
+        if int(n) < 1:
+            raise ValueError(f"n={n}: the number of images per prompt must be at least 1")
+        prompts = as_prompts(prompts)
         sent = self.sentence_vectors(prompts).repeat_interleave(n, dim=0)
         return self.from_vectors(sent, self.noise(len(prompts) * n, seed), batch_size)
+
+
+def as_prompts(prompts: str | Sequence[str]) -> list[str]:
+    """A string is one prompt, a sequence one prompt per item; none, or an empty one, is a ValueError."""
+    prompts = [prompts] if isinstance(prompts, str) else [str(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given: pass at least one, e.g. prompts='a red circle'")
+    empty = [i for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} is empty: every prompt needs some text")
+    return prompts
+
+
+def warn_cut_prompts(prompts: Sequence[str], tokenizer) -> None:
+    """Warn (naming the words lost) for each prompt longer than the CLIP text encoder reads."""
+    context = getattr(tokenizer, "context_length", None)
+    if context is None or not hasattr(tokenizer, "encode"):
+        return
+    for i, prompt in enumerate(prompts):
+        ids = tokenizer.encode(prompt)
+        if len(ids) > context - 2:  # start and end tokens take two places
+            lost = tokenizer.decode(ids[context - 2 :]).strip()
+            warnings.warn(
+                f"prompt {i} is {len(ids)} tokens; CLIP reads the first {context - 2}, so "
+                f"'{lost}' is cut off",
+                stacklevel=3,
+            )
 
 
 def save_grid(
