@@ -30,6 +30,10 @@ def test_smoke_experiment_end_to_end(tmp_path):
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert saved.task_name == "smoke" and saved.clip.model_cfg.vision_cfg.layers == 4
     assert not (tmp_path / "outputs").exists()  # hydra.run.dir was honoured
+    # no library message a user cannot act on (galip.quiet names each and why)
+    console = proc.stdout + proc.stderr
+    for noise in ("litlogger", "in eval mode", "LeafSpec", "no `validation_step`", "weights_only"):
+        assert noise not in console, noise
 
     # The run directory rebuilds the trained module, and the D probe reads it (scores are fractions).
     import torch

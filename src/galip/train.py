@@ -25,6 +25,7 @@ from galip.data.webdataset import quote_shard_patterns
 from galip.loading import build_module
 from galip.models import Generator
 from galip.module import GALIPModule, NonFiniteError
+from galip.quiet import silence_library_noise
 
 log = logging.getLogger("galip.train")
 
@@ -38,6 +39,7 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     register_resolvers()
+    silence_library_noise()
     validate(cfg)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)

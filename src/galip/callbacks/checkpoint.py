@@ -41,6 +41,6 @@ class Checkpoint(ModelCheckpoint):
         super().on_train_end(trainer, pl_module)
         if self.save_last and self.dirpath and self._last_global_step_saved != trainer.global_step:
             path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             self.last_model_path = str(path)
             self._last_global_step_saved = trainer.global_step

@@ -102,7 +102,9 @@ class PeriodicEvaluation(L.Callback):
         self.last_metrics, self._last_eval_kimg = metrics, kimg
         # save_checkpoint is collective under DDP: every rank must take the same branch
         if trainer.strategy.broadcast(better, src=0):
-            trainer.save_checkpoint(self.best_path(trainer))
+            trainer.save_checkpoint(
+                self.best_path(trainer), weights_only=False
+            )  # a full, resumable checkpoint
         return metrics
 
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from galip.clip import model_config, resize_square
 from galip.config import normalize_slot_overrides
+from galip.quiet import silence_library_noise
 from galip.world.cache import artefact_dir, config_key, write_config
 from galip.world.scenes import SHAPES, World, shape_swaps
 
@@ -334,6 +335,7 @@ def build_module(cfg: DictConfig) -> ContrastiveCLIP:
 
 def pretrain(cfg: DictConfig) -> tuple[ContrastiveCLIP, dict[str, float]]:
     """seed -> data, model -> Trainer -> fit -> round to the storage dtype -> val retrieval."""
+    silence_library_noise()
     if cfg.get("num_threads"):
         torch.set_num_threads(cfg.num_threads)
     L.seed_everything(cfg.seed, workers=True)
