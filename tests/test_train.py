@@ -266,6 +266,37 @@ def test_bad_tap_blocks_gives_one_line_error_and_exit_2(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was built
 
 
+@pytest.mark.parametrize(
+    ("typo", "says"),
+    [
+        (
+            "+model.tap_block=[1]",
+            "unknown key model.tap_block: galip.module.GALIPModule takes no 'tap_block'; "
+            "did you mean model.tap_blocks?",
+        ),
+        ("+model.generator.ngff=8", "did you mean model.generator.ngf?"),
+        ("+trainer.max_step=3", "did you mean trainer.max_steps?"),
+        ("+callbacks.sample_grid.nper=3", "(its keys: captions, dirpath, every_n_kimg,"),
+    ],
+)
+def test_a_typo_in_a_config_key_stops_before_anything_is_built(tmp_path, typo, says):
+    """Hydra's advice for an unknown key is to add it with ``+``; that must not train with the default."""
+    proc = run_train(["+experiment=smoke", typo, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("galip: config error:")]
+    assert len(errors) == 1 and says in errors[0], proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_every_shipped_experiment_and_component_row_passes_the_key_check():
+    from galip.config import check_target_keys
+
+    for name in config_names("experiment"):
+        check_target_keys(compose_config([f"+experiment={name}"]))
+    for row in config_names("ablation"):
+        check_target_keys(compose_config(["+experiment=cub", f"ablation={row}"]))
+
+
 def test_unknown_experiment_fails_naming_the_group(tmp_path):
     proc = run_train(["+experiment=nope", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert proc.returncode != 0

@@ -6,7 +6,9 @@ entry points; the modules below them take plain arguments.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -102,9 +104,60 @@ def validate(cfg: DictConfig) -> None:
                 f"kimg={cfg.kimg} and trainer.{key}={cfg.trainer[key]} both set the run length: give one "
                 f"(kimg=null to count in {'optimizer steps, two per batch' if key == 'max_steps' else 'epochs'})"
             )
+    check_target_keys(cfg)
     depth = config_depth(cfg.clip.get("name"), cfg.clip.get("model_cfg"))
     _check_indices("model.tap_blocks", cfg.model.tap_blocks, depth, allow_empty=False)
     _check_indices("model.generator.prompt_blocks", cfg.model.generator.get("prompt_blocks", []), depth)
+
+
+HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
+
+
+def check_target_keys(cfg: DictConfig | Mapping) -> None:
+    """Every key of a ``_target_`` node must be a parameter of that target (unless it takes ``**kwargs``):
+    a typo such as ``+model.tap_block=[1]`` stops here, before anything is built, naming the nearest key.
+    Keys that are meant to be added go where the target accepts them (its parameters) or outside any target."""
+    plain = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    for path, node in _target_nodes(plain, ""):
+        target = node["_target_"]
+        if not isinstance(target, str) or "${" in target:
+            continue
+        known = _parameters(target)
+        if known is None:
+            continue
+        params, old = known
+        for key in sorted(set(node) - params - old - HYDRA_KEYS):
+            near = difflib.get_close_matches(key, sorted(params - {"self"}), n=1)
+            hint = f"; did you mean {path}{near[0]}?" if near else f" (its keys: {', '.join(sorted(params))})"
+            raise ConfigError(f"unknown key {path}{key}: {target} takes no '{key}'{hint}")
+
+
+def _target_nodes(node: Any, path: str):
+    if isinstance(node, Mapping):
+        if "_target_" in node:
+            yield path, node
+        for key, value in node.items():
+            yield from _target_nodes(value, f"{path}{key}.")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _target_nodes(value, f"{path}{i}.")
+
+
+def _parameters(target: str) -> tuple[set[str], set[str]] | None:
+    """The keyword parameters of a class or function named by its import path, and the keys of earlier
+    releases it still answers; None when it takes any (``**kwargs``) or cannot be imported here (instantiation
+    will say why). A ``**removed`` catch-all only takes the old keys its target lists in ``REMOVED_KEYS`` (to
+    answer them with their new spelling), so those are accepted here and nothing else."""
+    module_name, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(module_name), name)
+        signature = inspect.signature(obj)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return None
+    variadic = [p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    if variadic and variadic != ["removed"]:
+        return None
+    return set(signature.parameters) - {"removed"}, set(getattr(obj, "REMOVED_KEYS", ()))
 
 
 def _check_indices(key: str, blocks, depth: int, allow_empty: bool = True) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from galip.callbacks.schedule import kimg_due, renamed_to_kimg
+from galip.callbacks.schedule import RENAMED_TO_KIMG, kimg_due, renamed_to_kimg
 from galip.sampling import save_grid
 
 DEFAULT_CAPTIONS = (
@@ -30,6 +30,8 @@ class SampleGrid(L.Callback):
         every_n_kimg: thousands of images between grids; 0 writes only at the end of training.
         seed: seed of the fixed noise.
     """
+
+    REMOVED_KEYS = RENAMED_TO_KIMG  # answered with their new spelling
 
     def __init__(
         self,

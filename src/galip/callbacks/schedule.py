@@ -44,6 +44,9 @@ def batches_done(trainer: L.Trainer) -> int:
     return trainer.fit_loop.epoch_loop.total_batch_idx + 1
 
 
+RENAMED_TO_KIMG = ("every_n_batches",)  # keys of earlier releases that `renamed_to_kimg` answers
+
+
 def renamed_to_kimg(owner: str, removed: dict[str, Any]) -> None:
     """``every_n_batches`` of earlier releases: one line naming the new key."""
     if "every_n_batches" in removed:

@@ -12,7 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from galip.callbacks.schedule import batches_done, kimg_due, renamed_to_kimg
+from galip.callbacks.schedule import RENAMED_TO_KIMG, batches_done, kimg_due, renamed_to_kimg
 
 SHOWN = ("d/loss", "g/loss", "d/magp", "g/sim")
 
@@ -26,6 +26,8 @@ class TrainingStatus(L.Callback):
         dirpath: where ``stats.jsonl`` goes (the checkpoint folder by default).
         every_n_kimg: the tick, in thousands of images; 0 disables the callback.
     """
+
+    REMOVED_KEYS = RENAMED_TO_KIMG  # answered with their new spelling
 
     def __init__(self, dirpath: str | Path, every_n_kimg: float = 20, **removed):
         renamed_to_kimg("TrainingStatus", removed)

@@ -167,6 +167,8 @@ class Generator(nn.Module):
         execution: how the blocks run (`Execution`: "fast", "official" or per lever); not stored in ``config``.
     """
 
+    REMOVED_KEYS = (*EXECUTION_KEYS, "code_input")  # earlier releases' keys, answered by `_refuse_removed`
+
     def __init__(
         self,
         clip: FrozenCLIP,
