@@ -46,6 +46,18 @@ def test_smoke_experiment_end_to_end(tmp_path):
     for key, value in module.discriminator.state_dict().items():
         assert torch.equal(value, state[f"discriminator.{key}"]), key
     assert not module.training
+    # moved out of its run directory, the checkpoint still loads (it carries its run's config) ...
+    alone = tmp_path / "elsewhere" / "moved.ckpt"
+    alone.parent.mkdir()
+    alone.write_bytes(last.read_bytes())
+    moved = load_module(alone)
+    for key, value in moved.generator.state_dict().items():
+        assert torch.equal(value, state[f"generator.{key}"]), key
+    # ... and a .ckpt that galip did not write is named as such, before any config is looked for
+    foreign = tmp_path / "elsewhere" / "foreign.ckpt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(ValueError, match="is not a galip training checkpoint"):
+        load_module(foreign)
     result = probe_discriminator(run_dir, n_scenes=4)
     assert set(result) == {"shape", "colour", "size", "position"}  # what the full world's captions name
     assert all(v in (0, 0.25, 0.5, 0.75, 1.0) for v in result.values())

@@ -11,6 +11,7 @@ checkpoint is rebuilt exactly as it was trained.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -84,26 +85,47 @@ def load_generator(path: str | Path, run_config: str | Path | None = None, **cli
 
 def load_module(path: str | Path, run_config: str | Path | None = None) -> GALIPModule:
     """The GALIPModule of a training checkpoint or run directory (everything but the frozen CLIP is in the
-    file; the CLIP is rebuilt from the run's config), in eval mode and frozen."""
+    file; the CLIP is rebuilt from the run's config), in eval mode and frozen.
+
+    The run's config is ``run_config=`` when given, else the run directory's ``.hydra/config.yaml``, else the
+    copy every galip checkpoint carries (so a ``.ckpt`` moved out of its run directory still loads)."""
     path = _existing(path)
     if path.is_dir():
         path = _checkpoint(path)
-    config_file = Path(run_config) if run_config else path.resolve().parent.parent / ".hydra" / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"no run config at {config_file} to rebuild the model of {path}: pass run_config=<run>/.hydra/config.yaml"
+    checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)  # our own run's file
+    if (
+        not isinstance(checkpoint, Mapping)
+        or "state_dict" not in checkpoint
+        or "galip_version" not in checkpoint
+    ):
+        raise ValueError(
+            f"{path} is not a galip training checkpoint (a Lightning .ckpt written by galip.train)"
         )
+    cfg = _run_config(path, run_config, checkpoint)
     register_resolvers()  # the run's config may compute values (${galip.call:…})
-    cfg = OmegaConf.load(config_file)
     module = build_module(cfg, instantiate(cfg.clip))
-    state = torch.load(str(path), map_location="cpu", weights_only=False)["state_dict"]  # our own run's file
-    result = module.load_state_dict(state, strict=False)
+    result = module.load_state_dict(checkpoint["state_dict"], strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("clip.")]
     if missing or result.unexpected_keys:
         raise RuntimeError(
             f"{path} does not match its run config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     return module.eval().requires_grad_(False)
+
+
+def _run_config(path: Path, run_config: str | Path | None, checkpoint: Mapping) -> DictConfig:
+    if run_config is not None:
+        if not Path(run_config).is_file():
+            raise FileNotFoundError(f"run_config={run_config}: no such file")
+        return OmegaConf.load(run_config)
+    beside = path.resolve().parent.parent / ".hydra" / "config.yaml"
+    if beside.is_file():
+        return OmegaConf.load(beside)
+    if checkpoint.get("config"):
+        return OmegaConf.create(checkpoint["config"])
+    raise FileNotFoundError(
+        f"no run config for {path}: neither {beside} nor a copy in the checkpoint; pass run_config=<run>/.hydra/config.yaml"
+    )
 
 
 def _existing(path: str | Path) -> Path:
