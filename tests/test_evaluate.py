@@ -388,6 +388,35 @@ def test_evaluate_without_inception_weights_stops_with_one_line(trained_run, tmp
     assert missing.returncode == 2 and "ckpt=PATH is required" in missing.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["data=coco"], "data/coco/train/filenames.pickle (get it from"),
+        (
+            ["data=random", "metrics.fid.enabled=true", "metrics.fid.extractor=judge"],
+            "metrics.fid.extractor=judge is not built in (inception, dfgan_inception)",
+        ),
+        (
+            [
+                "data=shapes",
+                "metrics.fid.enabled=false",
+                "metrics.clipsim.enabled=false",
+                "metrics.extra.judge=null",
+            ],
+            "nothing to evaluate",
+        ),
+    ],
+)
+def test_evaluate_mistakes_are_one_line_before_anything_is_built(trained_run, args, says):
+    """Missing data is named before any CLIP or Inception weights are looked for; an extractor the data has
+    no network for, or nothing to compute, is a line too (exit 2), never a traceback or an empty result."""
+    proc = run_cli("galip.evaluate", [f"ckpt={trained_run / 'generator.safetensors'}", *args], trained_run)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("galip: ")]
+    assert len(lines) == 1 and says in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_sample_notebook_runs_top_to_bottom(trained_run, monkeypatch):
     """notebooks/sample.ipynb on the embedded world's model, executed as a user would (nbclient, CPU)."""

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from galip.config import data_name, fid_features, register_resolvers
 from galip.loading import load_generator
+from galip.metrics.fid import EXTRACTORS
 from galip.metrics.protocol import FIDEvaluator, Subject, run_evaluators
 from galip.sampling import Sampler
 
@@ -30,6 +31,16 @@ from galip.sampling import Sampler
 def evaluators(cfg: DictConfig) -> dict[str, Any]:
     """FID/CLIPSIM as ``metrics.fid`` / ``metrics.clipsim`` say, then every ``metrics.extra`` evaluator."""
     metrics, out = cfg.metrics, {}
+    if (
+        metrics.fid.enabled
+        and metrics.fid.extractor not in EXTRACTORS
+        and metrics.fid.get("features") is None
+    ):
+        raise ValueError(
+            f"metrics.fid.extractor={metrics.fid.extractor} is not built in ({', '.join(EXTRACTORS)}) and "
+            f"data={data_name(cfg)} gives it no network (metrics.fid.features); the judge extractor exists for "
+            "data=shapes and data=shapes_demo"
+        )
     if metrics.fid.enabled or metrics.clipsim.enabled:
         out["fid"] = FIDEvaluator(
             n_samples=cfg.n_samples,
@@ -48,7 +59,17 @@ def evaluators(cfg: DictConfig) -> dict[str, Any]:
     for name, node in (metrics.get("extra") or {}).items():
         if node is not None:
             out[name] = instantiate(node)
+    if not out:
+        raise ValueError(
+            "nothing to evaluate: metrics.fid.enabled and metrics.clipsim.enabled are false and metrics.extra is empty"
+        )
     return out
+
+
+def check_data(cfg: DictConfig) -> None:
+    """The split's data must be there before any network is built or loaded (one line naming what is missing)."""
+    datamodule = instantiate(cfg.data, tokenizer=None)
+    datamodule.setup("validate" if cfg.split == "val" else "test")
 
 
 def subject(cfg: DictConfig, sampler: Sampler) -> Subject:
@@ -63,7 +84,8 @@ def subject(cfg: DictConfig, sampler: Sampler) -> Subject:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    chosen = evaluators(cfg)  # first: missing Inception weights stop before G is loaded
+    check_data(cfg)
+    chosen = evaluators(cfg)  # then missing Inception or CLIP weights stop before G is loaded
     sampler = Sampler(load_generator(cfg.ckpt, cfg.get("run_config")), cfg.device)
     return report(cfg, run_evaluators(chosen, subject(cfg, sampler)))
 
@@ -120,9 +142,20 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     try:
         evaluate(cfg)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        print(f"galip: {str(err).strip(chr(39))}", file=sys.stderr)
+    except Exception as err:
+        cause = user_error(err)
+        if cause is None:
+            raise
+        print(f"galip: {str(cause).strip(chr(39))}", file=sys.stderr)
         sys.exit(2)
+
+
+def user_error(err: BaseException | None) -> BaseException | None:
+    """The missing file, bad value or unknown key in ``err``'s cause chain (Hydra's instantiate wraps what a
+    target raised), or None for a bug."""
+    while err is not None and not isinstance(err, FileNotFoundError | ValueError | KeyError):
+        err = err.__cause__ or err.__context__
+    return err
 
 
 if __name__ == "__main__":
