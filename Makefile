@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## create .venv with pip and install galip[dev] (no-op when up to date)
 
-demo: install ## GALIP on the embedded shapes world, CPU, ~15 min: grids, judge metrics, checkpoints in outputs/demo/
+demo: install ## GALIP on the embedded demo world, CPU, ~10 min on 2 cores: grids, judge metrics, checkpoints in outputs/demo/
 	$(PY) -m galip.train +experiment=demo
 
 smoke: install ## a few training steps with a tiny random CLIP (plumbing check, ~10 s)
