@@ -162,6 +162,7 @@ def test_train_entry_point_stops_with_one_line_when_data_is_missing(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith("galip: data missing:")]
     assert len(lines) == 1 and str(tmp_path / "nowhere") in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # no empty run directory left behind
 
 
 # ---------------------------------------------------------------------------------------------

@@ -275,7 +275,7 @@ def test_bad_tap_blocks_gives_one_line_error_and_exit_2(tmp_path):
     assert len(errors) == 1, proc.stderr
     assert "model.tap_blocks" in errors[0]
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()  # failed before anything was built
+    assert not (tmp_path / "run").exists()  # failed before anything was built, and left no empty run dir
 
 
 @pytest.mark.parametrize(
@@ -297,7 +297,7 @@ def test_a_typo_in_a_config_key_stops_before_anything_is_built(tmp_path, typo, s
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("galip: config error:")]
     assert len(errors) == 1 and says in errors[0], proc.stderr
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # no empty run directory left behind
 
 
 def test_every_shipped_experiment_and_component_row_passes_the_key_check():

@@ -6,6 +6,7 @@ seed -> CLIP -> data, model, callbacks, loggers -> Trainer -> fit -> the numbers
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,7 @@ def main(cfg: DictConfig) -> float | None:
         metrics = train(cfg)
     except ConfigError as err:
         print(f"galip: config error: {err}", file=sys.stderr)
+        remove_unused_run_dir(cfg)
         sys.exit(2)
     except NonFiniteError as err:
         print(f"galip: {err}", file=sys.stderr)
@@ -140,8 +142,18 @@ def main(cfg: DictConfig) -> float | None:
         if (missing := missing_data_cause(err)) is None:
             raise
         print(f"galip: data missing: {missing}", file=sys.stderr)
+        remove_unused_run_dir(cfg)
         sys.exit(2)
     return metrics.get(cfg.get("optimized_metric", "")) if cfg.get("optimized_metric") else None
+
+
+def remove_unused_run_dir(cfg: DictConfig) -> None:
+    """A run stopped by a user's mistake before it trained leaves no directory behind: the run directory goes
+    when it holds nothing but what Hydra wrote at start (``.hydra/`` and the log). A directory with anything
+    else in it (an earlier run resumed with ``ckpt_path=last``) is kept as it is."""
+    out = Path(cfg.paths.output_dir)
+    if out.is_dir() and {p.name for p in out.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 # Names of earlier releases that moved: asked for here, they say where.
