@@ -70,3 +70,15 @@ def test_the_demo_runs_on_the_demo_world_and_demo_full_on_the_full_one():
     assert demo.data.image_size == 32 and demo.clip.model_cfg.vision_cfg.image_size == 32
     assert World.from_config(full.data.world).is_full and full.data.image_size == 64
     assert full.clip.model_cfg.vision_cfg.patch_size == 8
+
+
+def test_a_found_clip_is_reported_in_one_line_without_its_training_time(capsys):
+    """Finding a shipped CLIP must not read as if it had just been pretrained (the training time is the
+    artefact's, printed only when it is made)."""
+    path = SHIPPED_ROOT / "clip" / SHIPPED["shapes_demo"][2] / "clip.pt"
+    pc.report(path, "found")
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("shapes CLIP (shipped, not retrained): ") and "i2t 0.993" in line
+    assert "s of training" not in line
+    pc.report(path, "saved")
+    assert "s of training" in capsys.readouterr().out

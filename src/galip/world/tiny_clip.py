@@ -39,7 +39,7 @@ from omegaconf import DictConfig, OmegaConf
 from galip.clip import model_config, resize_square
 from galip.config import normalize_slot_overrides
 from galip.quiet import silence_library_noise
-from galip.world.cache import artefact_dir, config_key, write_config
+from galip.world.cache import SHIPPED_ROOT, artefact_dir, config_key, write_config
 from galip.world.scenes import SHAPES, World, shape_swaps
 
 log = logging.getLogger("galip.world.tiny_clip")
@@ -401,9 +401,16 @@ def ensure(cfg: DictConfig, logs_beside: bool = False) -> Path:
 
 
 def report(path: Path, verb: str) -> None:
+    """One line for a CLIP found (shipped or cached: no training now) and two for one just pretrained."""
     metrics_file = path.parent / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    lines = [f"shapes CLIP {verb}: {path} ({path.stat().st_size / 2**20:.1f} MiB)"]
+    size = f"{path.stat().st_size / 2**20:.1f} MiB"
+    if verb == "found":
+        where = "shipped" if path.parent.parent.parent == SHIPPED_ROOT else "cached"
+        quality = f"; val retrieval top-1 i2t {metrics['i2t_top1']:.3f}" if metrics else ""
+        print(f"shapes CLIP ({where}, not retrained): {path} ({size}{quality})", flush=True)
+        return
+    lines = [f"shapes CLIP {verb}: {path} ({size})"]
     if metrics:
         b = metrics["retrieval_batch"]
         lines.append(
