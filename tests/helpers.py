@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import yaml
 from hydra.utils import instantiate
@@ -81,8 +82,6 @@ def train_in(cfg, directory: str | os.PathLike) -> None:
 
 def patch_rgb(image: Image.Image, xy: tuple[float, float], radius: int = 1):
     """Mean RGB (float32) of the (2r+1)² pixels around the fractional position ``xy`` of ``image``."""
-    import numpy as np
-
     x, y = (round(c * image.width) for c in xy)
     pixels = np.asarray(image, dtype=np.float32)
     return pixels[y - radius : y + radius + 1, x - radius : x + radius + 1].reshape(-1, 3).mean(0)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from galip.data.batch import Tokenizer, collate, tokenize_one
+from galip.data.batch import Tokenizer, tokenize_one
 from galip.data.resume import ResumableData
 
 ADJECTIVES = ["red", "blue", "green", "small", "large", "bright", "dark", "striped", "round", "tall"]
@@ -86,17 +86,7 @@ class RandomCaptionDataModule(ResumableData, L.LightningDataModule):
         )
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        sampler = self.train_sampler(len(dataset), self.seed) if train else None
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.map_loader(dataset, self.seed, train)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)

@@ -16,7 +16,9 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from galip.data.batch import collate
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class ResumableData:
 
     trainer: L.Trainer | None
     batch_size: int
+    num_workers: int
     _resume_position: dict[str, int] | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -85,6 +88,21 @@ class ResumableData:
             sampler.set_epoch(position["epoch"])
             sampler.skip_once(position["batches"] * self.batch_size)
         return sampler
+
+    def map_loader(self, dataset: Dataset, seed: int, train: bool) -> DataLoader:
+        """A loader over an in-memory (map-style) dataset: `train_sampler`'s resumable order for training,
+        the dataset's order otherwise; uses the module's ``batch_size`` and ``num_workers``."""
+        sampler = self.train_sampler(len(dataset), seed) if train else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            drop_last=train,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def stream_seed(self, seed: int) -> int:
         """Seed of a resampled (streamed) training set: a resumed run draws a fresh stream rather than

@@ -29,10 +29,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 from torch.utils.data import DataLoader, Dataset
 
-from galip.data.batch import Tokenized, Tokenizer, collate, pil_to_tensor
+from galip.data.batch import Tokenized, Tokenizer, pil_to_tensor
 from galip.data.resume import ResumableData
 from galip.data.shards import check_worker_count, list_shards, shard_dataset, shard_loader, write_shards
 
@@ -152,9 +153,7 @@ class World:
         """A `World` from itself, a mapping of its fields (a config's ``data.world``) or ``None`` (the full world)."""
         if config is None or isinstance(config, World):
             return config or FULL_WORLD
-        if hasattr(config, "items") and not isinstance(config, dict):  # an omegaconf node
-            from omegaconf import OmegaConf
-
+        if OmegaConf.is_config(config):
             config = OmegaConf.to_container(config, resolve=True)
         unknown = set(config) - {f.name for f in fields(cls)}
         if unknown:
@@ -528,17 +527,7 @@ class ShapesDataModule(ResumableData, L.LightningDataModule):
         return Tokenized(ShapesWorld(self.seed, split, length, self.image_size, self.world), self.tokenizer)
 
     def _memory_loader(self, split: str, length: int, train: bool) -> DataLoader:
-        sampler = self.train_sampler(length, self.seed) if train else None
-        return DataLoader(
-            self._world(split, length),
-            batch_size=self.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        return self.map_loader(self._world(split, length), self.seed, train)
 
     def _samples_per_worker(self) -> int:
         workers = max(1, self.num_workers)
