@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,6 +22,7 @@ from galip.sampling import (
     save_grid,
     save_singles,
     slerp,
+    truncate,
 )
 from tests.helpers import CONF_DIR, TINY_CLIP_CFG, run_module
 
@@ -324,3 +326,46 @@ def test_sample_cli_empty_prompt_is_a_one_line_error(export_path, tmp_path):
         "galip: no prompts given: pass at least one, e.g. prompts='a red circle'"
     ]
     assert not (tmp_path / "outputs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation ψ: the noise scaled toward the prior's mean (0)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_truncation_scales_the_noise_toward_the_mean(sampler):
+    z = sampler.noise(5, seed=3)
+    for psi in (1.0, 0.7, 0.25, 0.0):
+        torch.testing.assert_close(sampler.noise(5, seed=3, truncation=psi), psi * z, rtol=0, atol=0)
+    assert torch.equal(truncate(z, 0.5, mean=torch.ones(z.shape[-1])), 1 + 0.5 * (z - 1))
+
+
+def test_truncated_generate_is_g_of_the_scaled_noise(sampler):
+    images = sampler.generate(PROMPTS[:2], n=3, seed=4, truncation=0.7)
+    sent = sampler.sentence_vectors(PROMPTS[:2]).repeat_interleave(3, dim=0)
+    close(images, sampler.from_vectors(sent, 0.7 * sampler.noise(6, seed=4)))
+    assert not torch.allclose(images, sampler.generate(PROMPTS[:2], n=3, seed=4), atol=1e-3)
+
+
+def test_truncation_zero_is_the_same_image_for_every_seed(sampler):
+    a = sampler.generate(PROMPTS[0], n=3, seed=0, truncation=0.0)
+    b = sampler.generate(PROMPTS[0], n=1, seed=99, truncation=0.0)
+    close(a, b.expand_as(a))
+
+
+@pytest.mark.parametrize("psi", [-0.1, 1.5])
+def test_truncation_outside_0_1_is_an_error(sampler, psi):
+    with pytest.raises(ValueError, match=r"ψ must be in \[0, 1\]"):
+        sampler.generate(PROMPTS[0], truncation=psi)
+
+
+def test_sample_cli_truncation(export_path, tmp_path, sampler):
+    from galip.sample import sample
+
+    cfg = compose_cli("sample", [f"ckpt={export_path}", "prompts=a red circle", "n=2", "truncation=0.5"])
+    cfg.out_dir = str(tmp_path / "out")
+    sample(cfg)
+    expected = sampler.generate("a red circle", n=2, seed=0, truncation=0.5)
+    with Image.open(tmp_path / "out" / "000_0001.png") as im:
+        png = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()
+    torch.testing.assert_close(png, ((expected[1] + 1) * 127.5).round().clamp(0, 255), rtol=0, atol=1.0)

@@ -22,9 +22,9 @@ def interpolate(cfg: DictConfig) -> Path:
     sampler = Sampler.from_file(cfg.ckpt, device=cfg.device)
     prompts = as_prompts(cfg.prompts)  # a string is one prompt
     if cfg.mode == "noise":
-        images = interpolate_noise(sampler, prompts[0], cfg.steps, tuple(cfg.seeds))
+        images = interpolate_noise(sampler, prompts[0], cfg.steps, tuple(cfg.seeds), cfg.truncation)
     elif cfg.mode == "prompts":
-        images = interpolate_prompts(sampler, prompts, cfg.steps, cfg.seed)
+        images = interpolate_prompts(sampler, prompts, cfg.steps, cfg.seed, cfg.truncation)
     else:
         raise ValueError(f"mode={cfg.mode!r}: expected 'prompts' or 'noise'")
     out = Path(cfg.out_dir)

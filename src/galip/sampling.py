@@ -46,9 +46,14 @@ class Sampler:
         warn_cut_prompts(prompts, self.clip.tokenizer)
         return self.clip.encode_text(self.clip.tokenize(prompts).to(self.device))
 
-    def noise(self, count: int, seed: int) -> torch.Tensor:
-        """All noise is drawn up front on the CPU, so results do not depend on the batch size or device."""
-        return torch.randn(count, self.generator.nz, generator=torch.Generator().manual_seed(seed))
+    def noise(self, count: int, seed: int, truncation: float = 1.0) -> torch.Tensor:
+        """All noise is drawn up front on the CPU, so results do not depend on the batch size or device.
+
+        ``truncation`` is ψ of the truncation trick: z ~ N(0, I) moved toward its mean, z' = μ + ψ (z − μ).
+        G has no mapping network, so μ is the prior's own mean, 0, and z' = ψ z: ψ = 1 is the prior, ψ = 0 the
+        mean for every seed (less variety, more typical images)."""
+        z = torch.randn(count, self.generator.nz, generator=torch.Generator().manual_seed(seed))
+        return truncate(z, truncation)
 
     @torch.inference_mode()
     def from_vectors(self, sent: torch.Tensor, noise: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
@@ -60,14 +65,29 @@ class Sampler:
         return torch.cat(out)
 
     def generate(
-        self, prompts: str | Sequence[str], n: int = 1, seed: int = 0, batch_size: int = 16
+        self,
+        prompts: str | Sequence[str],
+        n: int = 1,
+        seed: int = 0,
+        batch_size: int = 16,
+        truncation: float = 1.0,
     ) -> torch.Tensor:
-        """``n`` images per prompt, prompt-major: rows [p0 × n, p1 × n, …]. A string is one prompt."""
+        """``n`` images per prompt, prompt-major: rows [p0 × n, p1 × n, …]. A string is one prompt.
+        ``truncation``: ψ in [0, 1] (see `noise`)."""
         if int(n) < 1:
             raise ValueError(f"n={n}: the number of images per prompt must be at least 1")
         prompts = as_prompts(prompts)
         sent = self.sentence_vectors(prompts).repeat_interleave(n, dim=0)
-        return self.from_vectors(sent, self.noise(len(prompts) * n, seed), batch_size)
+        return self.from_vectors(sent, self.noise(len(prompts) * n, seed, truncation), batch_size)
+
+
+def truncate(z: torch.Tensor, truncation: float, mean: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The truncation trick (BigGAN, StyleGAN): ``mean + ψ (z − mean)``, ψ in [0, 1]; the mean of G's Gaussian
+    prior is 0."""
+    psi = float(truncation)
+    if not 0.0 <= psi <= 1.0:
+        raise ValueError(f"truncation={truncation}: ψ must be in [0, 1] (1 = no truncation, 0 = the mean)")
+    return z if psi == 1.0 else mean + psi * (z - mean)
 
 
 def as_prompts(prompts: str | Sequence[str]) -> list[str]:
@@ -153,7 +173,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def interpolate_prompts(
-    sampler: Sampler, prompts: Sequence[str], steps: int = 8, seed: int = 0
+    sampler: Sampler, prompts: Sequence[str], steps: int = 8, seed: int = 0, truncation: float = 1.0
 ) -> torch.Tensor:
     """Fixed noise, sentence vectors blended between 2 prompts (a row) or 4 prompts (a steps × steps grid,
     corners in reading order). Endpoints are exactly the prompts' own samples."""
@@ -167,15 +187,19 @@ def interpolate_prompts(
         mix = torch.lerp(top[None], bottom[None], t[:, None, None]).reshape(steps * steps, -1)
     else:
         raise ValueError(f"interpolation takes 2 or 4 prompts, got {len(prompts)}")
-    noise = sampler.noise(1, seed).expand(len(mix), -1)
+    noise = sampler.noise(1, seed, truncation).expand(len(mix), -1)
     return sampler.from_vectors(mix, noise)
 
 
 def interpolate_noise(
-    sampler: Sampler, prompt: str, steps: int = 8, seeds: tuple[int, int] = (0, 1)
+    sampler: Sampler,
+    prompt: str,
+    steps: int = 8,
+    seeds: tuple[int, int] = (0, 1),
+    truncation: float = 1.0,
 ) -> torch.Tensor:
     """Fixed prompt, noise slerped between the first noise of two seeds (content fixed, "style" varies)."""
-    a, b = sampler.noise(1, seeds[0]), sampler.noise(1, seeds[1])
+    a, b = sampler.noise(1, seeds[0], truncation), sampler.noise(1, seeds[1], truncation)
     noise = slerp(a.expand(steps, -1), b.expand(steps, -1), lerp_weights(steps))
     sent = sampler.sentence_vectors([prompt]).cpu().expand(steps, -1)
     return sampler.from_vectors(sent, noise)
