@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from galip.callbacks.grid_images import log_grid_image
 from galip.callbacks.schedule import RENAMED_TO_KIMG, kimg_due, renamed_to_kimg
 from galip.sampling import save_grid
 
@@ -70,6 +71,7 @@ class SampleGrid(L.Callback):
         save_grid(images.float().cpu(), path, self.n_per_caption, row_labels=captions)
         (self.dirpath / "captions.txt").write_text("\n".join(captions) + "\n")
         self.last_path = path
+        log_grid_image(trainer, path)
         return path
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:

@@ -1,0 +1,29 @@
+"""The fixed-noise sample grids as images in the loggers that show pictures (W&B, TensorBoard), so a dashboard
+shows training progress as the grids themselves; the PNG files stay the record."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from PIL import Image
+
+KEY = "samples/grid"
+
+
+def log_grid_image(trainer: L.Trainer, path: str | Path, key: str = KEY) -> None:
+    """``path`` (a grid PNG) as an image at the trainer's step, in each logger that takes images; the file name
+    (which says when it was drawn) is its caption. Other loggers (CSV) are left alone."""
+    path, step = Path(path), trainer.global_step
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], step=step, caption=[path.stem])
+        elif isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_image(key, _rgb(path), global_step=step, dataformats="HWC")
+
+
+def _rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
