@@ -1,0 +1,42 @@
+"""A callback for the crash test (tests/test_crash_resume.py): it stalls one checkpoint save half-written.
+
+Added to a run with ``+callbacks.crash._target_=crash_probe.StallSave +callbacks.crash.at_save=N`` (``tests/`` on
+PYTHONPATH). The N-th atomic write (`galip.atomic_io.atomic_path`) of this process writes its temporary file,
+cuts it to half its size and sleeps before the rename: the test kills the process then, so a half-written file
+lies beside the checkpoints, exactly as a kill in the middle of ``torch.save`` leaves one. Nothing else changes
+(``at_save=0``: no stall), so runs with and without it train the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+
+from galip import atomic_io
+
+
+class StallSave(L.Callback):
+    def __init__(self, at_save: int = 0, seconds: float = 120.0):
+        self.at_save, self.seconds, self.saves = at_save, seconds, 0
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.at_save:
+            atomic_io.atomic_path = self.stalling(atomic_io.atomic_path)
+
+    def stalling(self, atomic_path):
+        @contextmanager
+        def wrapped(path):
+            with atomic_path(path) as tmp:
+                yield tmp
+                self.saves += 1
+                if self.saves == self.at_save:
+                    with open(tmp, "r+b") as f:
+                        f.truncate(os.path.getsize(tmp) // 2)
+                    Path(f"{tmp}.stalled").touch()  # tells the test where it stalls
+                    time.sleep(self.seconds)
+
+        return wrapped
