@@ -198,9 +198,9 @@ def test_converter_command_line_on_a_folder_of_pairs(tmp_path, tokenizer, capsys
     samples = list(shard_dataset(str(tmp_path / "out" / "train" / "00000.tar"), tokenizer, 16))
     assert [s["key"] for s in samples] == ["a_one", "a_two", "b_three"]
     assert all(s["image"].shape == (3, 16, 16) for s in samples)
-    (pairs / "b" / "three.txt").unlink()
-    assert make_shards_main(["folder", "--root", str(pairs), "--out", str(tmp_path / "out")]) == 2
-    assert "three.txt" in capsys.readouterr().err
+    (pairs / "b" / "three.txt").unlink()  # skipped and counted (tests/test_bad_inputs.py), or with --strict:
+    assert make_shards_main(["folder", "--root", str(pairs), "--out", str(tmp_path / "out"), "--strict"]) == 2
+    assert "three.jpg: caption not found (no three.txt)" in capsys.readouterr().err
 
 
 def test_brace_patterns_are_quoted_for_hydra():

@@ -1,4 +1,4 @@
-"""Logs ``data/skipped``: corrupt samples the shard stream dropped so far, summed over workers and ranks."""
+"""Logs ``data/skipped``: corrupt samples dropped so far (shards, CUB/COCO folders), over workers and ranks."""
 
 from __future__ import annotations
 

@@ -9,8 +9,8 @@ A batch is a dict::
 
 Sources may add extra per-sample fields (``key``, ``labels``); they are carried along so that
 evaluation code (e.g. the shapes-world judge) can use them, but models only rely on the four above.
-Streamed shards add ``skipped`` (int): corrupt samples dropped since the previous batch, logged as
-``data/skipped`` by `galip.callbacks.SkippedSamples`.
+Streamed shards and the CUB/COCO folders add ``skipped`` (int): corrupt samples dropped since the previous
+batch, logged as ``data/skipped`` by `galip.callbacks.SkippedSamples`.
 """
 
 from __future__ import annotations

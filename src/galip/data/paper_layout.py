@@ -9,12 +9,12 @@
       train/filenames.pickle, test/filenames.pickle train/filenames.pickle, test/filenames.pickle
 
 Every folder, list and per-key file is checked when the data module is built: a missing one stops the run
-with one line naming the path and where it comes from, never an empty dataset that trains on nothing.
+with one line naming the path and where it comes from, never an empty dataset that trains on nothing. A file
+that is there but does not read (a corrupt JPEG) is skipped and counted at read time, as on shards.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import pickle
@@ -27,8 +27,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from galip.data.batch import Tokenizer, collate, tokenize_one
+from galip.data.images import DECODE_ERRORS, decode_image
 from galip.data.resume import ResumableData
 from galip.data.sentences import SentenceTable, cache_path, load_table, training_clip_fingerprint
+from galip.data.shards import CorruptSample, SkipCounter
 from galip.data.transforms import choose_caption, paper_transform, split_captions
 
 log = logging.getLogger(__name__)
@@ -167,6 +169,7 @@ class PaperLayoutDataset(Dataset):
         check_files(layout, split, self.keys)
         self.image_dir = layout.image_dir(split)
         self.bboxes = read_bboxes(layout) if layout.dataset == "cub" else None
+        self.skips = SkipCounter()  # per loader worker; the batches carry the counts (``skipped``)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -178,21 +181,39 @@ class PaperLayoutDataset(Dataset):
         return captions
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        key = self.keys[index]
-        captions = self.captions(key)
-        choice = choose_caption(len(captions), self.train, index)
-        with open(self.image_dir / f"{key}.jpg", "rb") as f:
-            image = Image.open(io.BytesIO(f.read()))
+        """Item `index`; one that does not read (a corrupt JPEG, an emptied caption file) is skipped and
+        counted (``skipped``, logged as ``data/skipped``, as on shards) and the next readable item stands in,
+        so every batch stays full and every rank runs the same number of batches."""
+        position, image, captions = self._readable(index)
+        key = self.keys[position]
+        choice = choose_caption(len(captions), self.train, position)
         bbox = self.bboxes[key] if self.bboxes is not None else None
         sample = {
             "image": paper_transform(image, self.image_size, self.train, bbox),
             "caption": captions[choice],
             "tokens": tokenize_one(self.tokenizer, captions[choice]),
             "key": key,
+            # Only `index` itself counts: a stand-in that fails is counted when its own index is drawn.
+            "skipped": int(position != index),
         }
         if self.sentences is not None:
             sample["sent_emb"] = self.sentences.lookup(key, captions, choice)
         return sample
+
+    def _readable(self, index: int) -> tuple[int, Image.Image, list[str]]:
+        """(position, decoded image, captions) of `index`, or of the first readable item after it."""
+        for offset in range(len(self)):
+            position = (index + offset) % len(self)
+            key = self.keys[position]
+            try:
+                return (
+                    position,
+                    decode_image((self.image_dir / f"{key}.jpg").read_bytes()),
+                    self.captions(key),
+                )
+            except DECODE_ERRORS as err:
+                self.skips(CorruptSample(f"{key!r} in {self.image_dir}: {err!r}"))
+        raise DatasetMissing(f"no readable image in {self.layout.dataset} {self.split} ({self.image_dir})")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import re
 import tarfile
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from galip.data.batch import Tokenizer, collate, pil_to_tensor, tensor_to_pil, tokenize_one
+from galip.data.images import to_rgb
 from galip.data.sentences import encode_captions, sent_member, text_fingerprint
 from galip.data.transforms import bbox_crop, choose_caption, paper_transform, split_captions
 
@@ -135,14 +136,20 @@ def encode_sample(sample: dict[str, Any], image_format: str) -> dict[str, Any]:
 
 
 def _update_manifest(
-    out_dir: Path, prefix: str, paths: list[Path], counts: list[int], captions: int, **info: Any
+    out_dir: Path,
+    prefix: str,
+    paths: list[Path],
+    counts: list[int],
+    captions: int,
+    split_info: dict[str, Any],
+    **info: Any,
 ) -> None:
     """Merge this prefix's shard list into ``manifest.json`` (several splits may share a directory)."""
     path = out_dir / MANIFEST
     manifest = json.loads(path.read_text()) if path.exists() else {"splits": {}}
     manifest.update(info)
     shards = [{"name": p.name, "count": c} for p, c in zip(paths, counts, strict=True)]
-    manifest["splits"][prefix] = {"count": sum(counts), "captions": captions, "shards": shards}
+    manifest["splits"][prefix] = {"count": sum(counts), "captions": captions, "shards": shards, **split_info}
     path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
 
@@ -162,13 +169,17 @@ def write_shards(
     image_format: str = "jpg",
     source: str = "unknown",
     name_format: str | None = None,
+    skipped: Mapping[str, int] | None = None,
 ) -> list[Path]:
     """Write samples {key, image, caption[, json]} to ``out_dir/{prefix}-NNNNNN.tar``.
 
     name_format: another shard naming, e.g. img2dataset's ``"{index:05d}.tar"`` (gets ``prefix``, ``index``).
+    skipped: pairs the source left out, by reason; read once `samples` is exhausted, so a source may count
+        them while it is consumed (`galip.data.make_shards`).
     Existing shards of this prefix (``{prefix}-*.tar``, or those the manifest lists) are removed first, so a
-    rewrite never leaves stale shards behind. Returns the shard paths and records counts, caption counts
-    (lines of the ``.txt``) and `source` in ``out_dir/manifest.json``.
+    rewrite never leaves stale shards behind, and an error while writing removes this call's shards, so an
+    interrupted one leaves none half-written. Returns the shard paths and records counts, caption counts
+    (lines of the ``.txt``), `skipped` and `source` in ``out_dir/manifest.json``.
     """
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
@@ -180,20 +191,30 @@ def write_shards(
     counts: list[int] = []
     n_captions = 0
     writer = None
-    for index, sample in enumerate(samples):
-        if index % max_per_shard == 0:
-            if writer is not None:
-                writer.close()
-            name = (name_format or "{prefix}-{index:06d}.tar").format(prefix=prefix, index=len(paths))
-            paths.append(out_dir / name)
-            counts.append(0)
-            writer = wds.TarWriter(str(paths[-1]), encoder=False, mtime=0)
-        writer.write(encode_sample(sample, image_format))
-        counts[-1] += 1
-        n_captions += len(split_captions(sample["caption"]))
+    try:
+        for index, sample in enumerate(samples):
+            if index % max_per_shard == 0:
+                if writer is not None:
+                    writer.close()
+                name = (name_format or "{prefix}-{index:06d}.tar").format(prefix=prefix, index=len(paths))
+                paths.append(out_dir / name)
+                counts.append(0)
+                writer = wds.TarWriter(str(paths[-1]), encoder=False, mtime=0)
+            writer.write(encode_sample(sample, image_format))
+            counts[-1] += 1
+            n_captions += len(split_captions(sample["caption"]))
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        for path in paths:
+            path.unlink(missing_ok=True)
+        raise
     if writer is not None:
         writer.close()
-    _update_manifest(out_dir, prefix, paths, counts, n_captions, source=source, image_format=image_format)
+    split_info = {"skipped": dict(sorted(skipped.items()))} if skipped is not None else {}
+    _update_manifest(
+        out_dir, prefix, paths, counts, n_captions, split_info, source=source, image_format=image_format
+    )
     return paths
 
 
@@ -225,7 +246,7 @@ def _image_bytes(raw: dict[str, Any]) -> bytes:
 
 def _to_tensor(image: Image.Image, image_size: int, transform: str, bbox: list[float] | None) -> torch.Tensor:
     if transform == "center":
-        image = image.convert("RGB") if bbox is None else bbox_crop(image.convert("RGB"), bbox)
+        image = to_rgb(image) if bbox is None else bbox_crop(to_rgb(image), bbox)
         return pil_to_tensor(resize_center_crop(image, image_size))
     return paper_transform(image, image_size, train=transform == "paper-train", bbox=bbox)
 

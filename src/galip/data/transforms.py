@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from PIL import Image
 
 from galip.data.batch import pil_to_tensor
+from galip.data.images import to_rgb
 
 # Official ``Resize(int(imsize * 76 / 64))``: 304 for 256 px crops.
 ENLARGE = 76 / 64
@@ -52,7 +53,7 @@ def crop_and_flip(image: Image.Image, size: int, train: bool) -> Image.Image:
 
 def paper_transform(image: Image.Image, size: int, train: bool, bbox: Sequence[float] | None = None):
     """PIL image -> float (3, size, size) in [-1, 1], as the official data pipeline does it."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if bbox is not None:
         image = bbox_crop(image, bbox)
     image = resize_shorter(image, int(size * ENLARGE))
