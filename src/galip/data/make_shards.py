@@ -42,6 +42,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from galip.data.images import (
     DECODE_ERRORS,
@@ -115,6 +116,8 @@ class Skipped:
         self.counts[skip.reason] += 1
         if self.total <= self.named:
             log.warning("skipped %s", message)
+        if self.total == self.named:
+            log.warning("(further skips are counted in manifest.json, not named)")
 
     @property
     def total(self) -> int:
@@ -376,17 +379,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    options = {k: getattr(args, k) for k in ("strict", "max_side", "image_col", "caption_col")}
     try:
-        written = convert(
-            args.source,
-            args.root,
-            args.out,
-            args.max_per_shard,
-            strict=args.strict,
-            max_side=args.max_side,
-            image_col=args.image_col,
-            caption_col=args.caption_col,
-        )
+        with logging_redirect_tqdm():  # log lines above the progress bar, not through it
+            written = convert(args.source, args.root, args.out, args.max_per_shard, **options)
     except (DatasetMissing, ConvertError) as err:
         print(
             f"galip: data missing: {err}" if isinstance(err, DatasetMissing) else f"galip: {err}",
