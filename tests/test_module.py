@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import lightning as L
@@ -229,35 +228,28 @@ def test_precision_step_has_finite_losses(precision, tmp_path):
         assert torch.equal(module.clip.state_dict()[key], value)
 
 
-def test_fp16_mixed_on_cpu():
-    """Lightning does not run fp16 AMP on CPU: it falls back to bf16-mixed with a warning (no exception)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            trainer = one_batch_trainer("16-mixed")
-        except Exception as err:  # a future Lightning may refuse outright
-            pytest.skip(f"fp16 AMP refused on CPU: {err}")
-    if trainer.precision != "16-mixed":
-        reason = next((str(w.message) for w in caught if "16-mixed" in str(w.message)), trainer.precision)
-        pytest.skip(f"fp16 AMP not available on CPU: {reason}")
-    pytest.fail("Lightning accepted 16-mixed on CPU: run a step here like the bf16 test")  # pragma: no cover
-
-
-@pytest.mark.slow
 def test_fp16_autocast_with_grad_scaler_on_cpu(tmp_path):
-    """The fp16 code path (GradScaler + MAGP in fp32) forced on CPU through Lightning's precision plugin."""
+    """The fp16 code path (GradScaler + MAGP in fp32) forced on CPU through Lightning's precision plugin (Lightning
+    itself turns 16-mixed into bf16 on a CPU): both losses go through the scaler and both networks step."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    try:
-        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    except Exception as err:
-        pytest.skip(f"fp16 GradScaler on CPU refused: {err}")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     module, datamodule = build(smoke_cfg(tmp_path))
+    before = {"generator": snapshot(module.generator), "discriminator": snapshot(module.discriminator)}
+    scaled = []
+    original_scale = scaler.scale
+    scaler.scale = lambda loss: scaled.append(loss.detach().clone()) or original_scale(loss)
     trainer = one_batch_trainer(precision=None, plugins=[plugin])
     trainer.fit(module, datamodule=datamodule)
+    assert trainer.precision == "16-mixed" and len(scaled) == 2  # the D loss and the G loss, each scaled
     for key in ("d/real", "d/fake", "d/mismatch", "d/magp", "d/loss", "g/adv", "g/sim", "g/loss"):
         assert torch.isfinite(trainer.callback_metrics[key]), key
     assert torch.isfinite(trainer.callback_metrics["grad_norm/g"])
+    # the scale stayed (no inf/NaN step skipped), so both optimizer steps ran on unscaled gradients
+    assert scaler.get_scale() == 2.0**8
+    assert "decoder.to_rgb.weight" in changed(before["generator"], module.generator)
+    assert "assessor.joint_conv.0.weight" in changed(before["discriminator"], module.discriminator)
 
 
 # ---------------------------------------------------------------------------------------------
