@@ -37,6 +37,7 @@ def test_two_ranks_train_equal_batches_on_different_data_with_different_noise(tm
         "data.shuffle_buffer=0",
         "callbacks.sample_grid.every_n_kimg=0",
         "callbacks.checkpoint.every_n_kimg=null",
+        "model.ema_half_life_kimg=0.01",
         "+callbacks.probe._target_=ddp_probe.RankProbe",
         f"+callbacks.probe.out={probe}",
         f"hydra.run.dir={tmp_path / 'run'}",
@@ -62,6 +63,13 @@ def test_two_ranks_train_equal_batches_on_different_data_with_different_noise(tm
     assert ranks[0]["keys"] != ranks[1]["keys"]  # shards resampled per rank
     assert ranks[0]["noise"] != ranks[1]["noise"]  # per-rank noise (the official code draws the same)
     assert all(r["images_seen"] == 3 * 2 * 2 for r in ranks)  # images seen count every rank
+    # after three steps on different data the ranks hold bit-identical G, D, EMA and Adam states ...
+    assert ranks[0]["end_hashes"] == ranks[1]["end_hashes"]
+    assert set(ranks[0]["end_hashes"]) == {"generator", "discriminator", "generator_ema"}
+    assert ranks[0]["adam_hashes"] == ranks[1]["adam_hashes"] and len(ranks[0]["adam_hashes"]) == 2
+    # ... which did move (and started equal: rank 0's initial weights are broadcast)
+    assert ranks[0]["start_hashes"] == ranks[1]["start_hashes"]
+    assert all(ranks[0]["start_hashes"][k] != v for k, v in ranks[0]["end_hashes"].items())
     # data/skipped is the sum over ranks (and workers) of the skips each one met
     rows = list(csv.DictReader(next((tmp_path / "run").rglob("metrics.csv")).open()))
     logged = [float(r["data/skipped"]) for r in rows if r.get("data/skipped")]
