@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_MODE ?= offline
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo smoke test test-slow test-all lint format bench clean
+.PHONY: help install demo app smoke test test-slow test-all lint format bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ install: $(STAMP) ## create .venv with pip and install galip[dev] (no-op when up
 
 demo: install ## GALIP on the embedded demo world, CPU, ~10 min on 2 cores: grids, judge metrics, checkpoints in outputs/demo/
 	$(PY) -m galip.train +experiment=demo
+
+app: install ## a web page on http://127.0.0.1:7860 to play with a generator (the shipped demo one; ckpt=… for yours)
+	$(PY) -m galip.app $(if $(ckpt),ckpt=$(ckpt))
 
 smoke: install ## a few training steps with a tiny random CLIP (plumbing check, ~10 s)
 	$(PY) -m galip.train +experiment=smoke
