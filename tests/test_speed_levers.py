@@ -32,6 +32,8 @@ from galip.models.layers import (
     resize_nearest,
     upsample2x_conv3x3,
 )
+from galip.module import GALIPModule
+from tests.helpers import one_batch_trainer
 
 SMALL_G = {"ngf": 8, "code_ch": 8, "mid_ch": 4, "n_fusion_blocks": 2, "prompt_blocks": (1, 2)}
 
@@ -277,6 +279,42 @@ def test_official_step_and_optimised_step_make_the_same_update():
             torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=f"{net}.{key}")
     moved = [k for k, v in ours.generator.state_dict().items() if "linear2" in k]
     assert moved  # the step did change the Affines (it is not comparing two untouched models)
+
+
+def test_the_benchmark_step_is_the_modules_own_step(monkeypatch):
+    """With module_step on, speed.py runs GALIPModule.training_step itself, not a copy of it."""
+    calls = []
+    original = GALIPModule.training_step
+
+    def spy(self, batch, batch_idx):
+        calls.append(batch_idx)
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(GALIPModule, "training_step", spy)
+    module = speed.build_module("tiny", torch.device("cpu"), speed.DEFAULT_LEVERS)
+    assert isinstance(module, GALIPModule) and "training_step" not in vars(type(module))
+    batch = speed.make_batch(module, 2, torch.device("cpu"))
+    losses = speed.case_fn("step", module, batch, speed.DEFAULT_LEVERS)()
+    assert calls == [0] and set(losses) == {"d_loss", "g_loss"}
+
+
+def test_the_benchmark_step_makes_the_update_of_a_step_under_the_trainer():
+    """`speed.PlainLoop` stands in for Lightning's Trainer faithfully: one benchmark step and one Trainer.fit batch
+    of the same module on the same batch leave the same weights."""
+    bench, bench_losses = _one_update(speed.DEFAULT_LEVERS)
+    torch.manual_seed(0)  # the module, its Affines and the batch of _one_update, drawn again
+    module = speed.build_module("tiny", torch.device("cpu"), speed.DEFAULT_LEVERS)
+    _randomise_affines(module.generator, std=0.05)
+    module.optimizer_g = module.optimizer_d = lambda params: torch.optim.SGD(params, lr=0.5)
+    batch = speed.make_batch(module, 4, torch.device("cpu"))
+    trainer = one_batch_trainer()
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader([batch], batch_size=None))
+    assert module.last_losses == pytest.approx(bench_losses, rel=1e-6)  # BenchModule keeps them
+    for net in ("generator", "discriminator"):
+        ours, lightning = getattr(bench, net).state_dict(), getattr(module, net).state_dict()
+        for key, value in lightning.items():
+            torch.testing.assert_close(ours[key], value, rtol=1e-6, atol=1e-7, msg=f"{net}.{key}")
+    assert any("linear2" in k and not torch.equal(v, 0 * v) for k, v in module.generator.state_dict().items())
 
 
 def test_fused_adam_makes_the_update_of_the_plain_adam():
