@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from galip.data import PaperLayoutDataModule, shard_dataset
-from galip.data.make_shards import convert
+from galip.data.make_shards import ImagePolicy, convert
 from galip.data.make_shards import main as make_shards_main
 from galip.data.shards import SkipCounter, _read_samples
 from tests.helpers import jpeg, make_cub
@@ -190,6 +190,13 @@ def test_exif_rotation_is_applied_and_large_images_are_capped(converted):
     assert upright.shape == (40, 20, 3)  # turned: 20 wide, 40 high
     assert upright[5, 10, 0] > 150 and upright[35, 10, 2] > 150  # red on top, blue below
     assert pixels(samples, "modes_large").shape == (1024, 1365, 3)  # shorter side at --max-side
+
+
+def test_a_jpeg_at_a_multiple_of_the_cap_is_capped_too(tmp_path):
+    """A JPEG may decode at 1/2 scale to exactly --max-side: it is still one to shrink, not to keep."""
+    (tmp_path / "a.jpg").write_bytes(jpeg((96, 64)))
+    member = ImagePolicy(max_side=32).member(tmp_path / "a.jpg")
+    assert Image.open(io.BytesIO(member)).size == (48, 32)
 
 
 def test_every_kept_sample_streams_through_the_reader(converted, tiny_clip):

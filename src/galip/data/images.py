@@ -44,12 +44,14 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 def decode_image(data: bytes, draft_side: int = 0) -> Image.Image:
     """Encoded bytes -> a fully decoded image (a truncated file raises here, not later).
 
-    draft_side: lets a JPEG decode at 1/2, 1/4 or 1/8 scale while its shorter side stays at least this
-    (0: full size); a 50-megapixel photo bound for a 1024-pixel shard then never exists at full size.
+    draft_side: lets a JPEG whose shorter side is above this decode at 1/2, 1/4 or 1/8 scale while staying
+    above it (0: full size); a 50-megapixel photo bound for a 1024-pixel shard then never exists at full size.
     """
     image = Image.open(io.BytesIO(data))
     if draft_side and image.format == "JPEG":
-        image.draft(image.mode, (draft_side, draft_side))
+        image.draft(
+            image.mode, (draft_side + 1, draft_side + 1)
+        )  # still above: it is then known to be larger
     image.load()
     return image
 

@@ -264,13 +264,7 @@ def table_pairs(path: Path, kind: str, image_col: str, caption_col: str) -> list
     Image paths are relative to the table's folder (or absolute)."""
     if not path.is_file():
         raise DatasetMissing(f"{kind} file not found: {path}")
-    columns = read_table(path, kind)
-    for col in (image_col, caption_col):
-        if col not in columns:
-            raise ConvertError(
-                f"{path} has no column {col!r} (it has {', '.join(map(repr, columns))}); "
-                "name them with --image-col and --caption-col"
-            )
+    columns = read_table(path, kind, (image_col, caption_col))
     captions: dict[str, list[str]] = {}
     for image, caption in zip(columns[image_col], columns[caption_col], strict=True):
         captions.setdefault(str(image or "").strip(), []).append(caption)
@@ -282,9 +276,9 @@ def _table_pair(folder: Path, image: str, cells: list[str]) -> Pair:
     return Pair(key, folder / image if image else None, cells, {"key": image})
 
 
-def read_table(path: Path, kind: str) -> dict[str, list[Any]]:
-    """Column name -> values. Text that is not UTF-8 is kept as lone surrogates, so `read_captions` can
-    skip just those rows."""
+def read_table(path: Path, kind: str, wanted: tuple[str, ...]) -> dict[str, list[Any]]:
+    """The `wanted` columns: name -> values. Text that is not UTF-8 is kept as lone surrogates, so
+    `read_captions` can skip just those rows."""
     if kind == "parquet":
         try:
             import pyarrow.parquet as pq
@@ -292,11 +286,22 @@ def read_table(path: Path, kind: str) -> dict[str, list[Any]]:
             raise ConvertError(
                 "reading parquet needs pyarrow: pip install 'galip[parquet]' (or pip install pyarrow)"
             ) from None
-        return pq.read_table(path).to_pydict()
+        check_columns(path, pq.read_schema(path).names, wanted)
+        return pq.read_table(path, columns=list(wanted)).to_pydict()
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         rows = list(csv.reader(f, delimiter=TABLES[kind]))
     header, body = (rows[0], rows[1:]) if rows else ([], [])
+    check_columns(path, header, wanted)
     return {name: [row[i] if i < len(row) else None for row in body] for i, name in enumerate(header)}
+
+
+def check_columns(path: Path, names: list[str], wanted: tuple[str, ...]) -> None:
+    for col in wanted:
+        if col not in names:
+            raise ConvertError(
+                f"{path} has no column {col!r} (it has {', '.join(map(repr, names))}); "
+                "name them with --image-col and --caption-col"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------
