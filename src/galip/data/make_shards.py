@@ -95,6 +95,8 @@ class Pair:
 
 
 class Skip(Exception):
+    """Why one pair cannot be used: a `REASONS` key, and a detail for the log."""
+
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(reason, detail)
         self.reason, self.detail = reason, detail
