@@ -240,7 +240,7 @@ def write_run(root: Path, name: str, overrides: list[str], judge: list[dict] | N
         lines = [
             json.dumps(
                 {
-                    "step": 2 * (i + 1),
+                    "batch": i + 1,
                     "kimg": 0.5 * (i + 1),
                     "metrics": {f"eval/{k}": v for k, v in m.items()},
                 }
@@ -264,15 +264,15 @@ def test_summary_table_holds_each_runs_final_judge_metrics(tmp_path):
     table = write_summary(tmp_path)
     md = (tmp_path / "summary.md").read_text()
     assert table in md and "No evaluation.jsonl (or an empty one) in: 3" in md
-    assert "| 2 | ablation=baseline | 2 | 0.500 | 0.250 | 20,000 |" in md
-    assert "| 10 | ablation=galip | 4 | 1.000 | 0.900 | 512 |" in md  # the last line, job order 2 < 3 < 10
+    assert "| 2 | ablation=baseline | 1 | 0.500 | 0.250 | 20,000 |" in md
+    assert "| 10 | ablation=galip | 2 | 1.000 | 0.900 | 512 |" in md  # the last line, job order 2 < 3 < 10
 
     rows = (tmp_path / "summary.csv").read_text().splitlines()
-    assert rows[0] == "run,overrides,step,kimg,judge/acc,judge/fd"
+    assert rows[0] == "run,overrides,batch,kimg,judge/acc,judge/fd"
     assert rows[1:] == [
-        "2,ablation=baseline,2,0.5,0.25,20000.0",
+        "2,ablation=baseline,1,0.5,0.25,20000.0",
         "3,ablation=bridge,,,,",
-        "10,ablation=galip,4,1.0,0.9,512.0",
+        "10,ablation=galip,2,1.0,0.9,512.0",
     ]
 
 
@@ -289,7 +289,7 @@ def test_multirun_over_two_tap_choices_gives_two_runs_and_a_summary(tmp_path):
     sweep_dir = tmp_path / "sweep"
     env = {**os.environ, "GALIP_ROOT": str(tmp_path), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
     args = ["-m", "+experiment=smoke", "+sweep=summary", "model.tap_blocks=[1],[1,2]"]
-    args += [f"hydra.sweep.dir={sweep_dir}", "trainer.limit_train_batches=1"]
+    args += [f"hydra.sweep.dir={sweep_dir}", "kimg=0.004"]  # one batch of 4
     proc = subprocess.run(
         [sys.executable, "-m", "galip.train", *args],
         cwd=tmp_path,

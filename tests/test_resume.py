@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,9 +25,7 @@ RUN = [
     "+experiment=smoke",
     "data.n_train=32",
     "data.batch_size=4",
-    "trainer.limit_train_batches=null",
     "kimg=0.04",
-    "trainer.max_epochs=-1",  # the smoke experiment counts epochs; the run length is kimg here
     "callbacks.checkpoint.every_n_kimg=0.012",
     "callbacks.status.every_n_kimg=0.008",
 ]
@@ -55,7 +54,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     full, resumed = root / "full", root / "resumed"
     run(full)
-    run(resumed, f"ckpt_path={full / 'checkpoints' / 'step0000006.ckpt'}")
+    run(resumed, f"ckpt_path={full / 'checkpoints' / 'kimg000000.012.ckpt'}")
     return full, resumed
 
 
@@ -86,7 +85,7 @@ def test_resumed_run_ends_with_the_same_weights_and_optimizer_state(runs):
 
 def test_checkpoint_carries_config_version_rng_and_data_position(runs):
     full, _ = runs
-    ckpt = torch.load(full / "checkpoints" / "step0000006.ckpt", weights_only=False)
+    ckpt = torch.load(full / "checkpoints" / "kimg000000.012.ckpt", weights_only=False)
     assert ckpt["galip_version"] == galip.__version__
     assert ckpt["config"]["task_name"] == "smoke" and ckpt["config"]["data"]["batch_size"] == 4
     assert set(ckpt["rng_states"]) >= {"torch", "numpy", "python", "noise"}
@@ -164,10 +163,8 @@ def test_offline_wandb_run_has_the_logged_keys_and_is_finished(tmp_path, monkeyp
 def test_resumed_run_continues_the_wandb_run(tmp_path, monkeypatch):
     from galip.train import continue_wandb_run
 
-    path = tmp_path / "last.ckpt"
-    torch.save({"wandb_run_id": "abc123"}, path)
     cfg = compose_config(["+experiment=smoke", "logger=wandb"], output_dir=tmp_path)
-    continue_wandb_run(cfg, str(path))
+    continue_wandb_run(cfg, {"wandb_run_id": "abc123"})
     assert cfg.logger.wandb.id == "abc123" and cfg.logger.wandb.resume == "allow"
 
 
@@ -184,3 +181,68 @@ def test_wandb_is_finished_when_training_crashes(tmp_path, monkeypatch):
         run(tmp_path / "crash", "logger=wandb")
     # the logger had started its run (log_hyperparams) before fit; finish_wandb closed it
     assert wandb.run is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming in the run's own directory, as the README shows
+# ---------------------------------------------------------------------------------------------
+SMOKE = ["+experiment=smoke", "logger=csv"]  # 4 batches of 4 = 0.016 kimg
+
+
+def csv_rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "csv" / "metrics.csv") as f:
+        return [row for row in csv.DictReader(f) if row.get("d/loss")]
+
+
+@pytest.fixture(scope="module")
+def finished_smoke(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "run"
+    train(compose_config(SMOKE, output_dir=out))
+    return out
+
+
+@pytest.fixture
+def smoke_run(finished_smoke, tmp_path) -> Path:
+    """A copy of a finished smoke run's directory."""
+    return Path(shutil.copytree(finished_smoke, tmp_path / "run"))
+
+
+def test_resume_in_place_appends_to_the_csv_and_replaces_rows_after_the_checkpoint(smoke_run):
+    out = smoke_run
+    before = csv_rows(out)
+    assert [r["step"] for r in before] == ["0", "1", "2", "3"]
+    with open(out / "csv" / "metrics.csv", "a", newline="") as f:  # a killed run's row past its checkpoint
+        csv.DictWriter(f, fieldnames=list(before[0])).writerow({**before[0], "step": "4", "kimg": "9"})
+    train(compose_config([*SMOKE, "ckpt_path=last", "kimg=0.032"], output_dir=out))
+    after = csv_rows(out)
+    assert [r["step"] for r in after] == [str(i) for i in range(8)]
+    assert after[:4] == before, "the rows before the resume are kept as they were"
+    assert float(after[4]["kimg"]) == pytest.approx(0.020) and after[4]["d/loss"] != ""
+
+
+def test_resume_of_a_finished_run_says_how_to_train_on(smoke_run):
+    out = smoke_run
+    with pytest.raises(ConfigError, match=r"already seen 0.016 kimg of the run's kimg=0.016; give a larger kimg="):
+        train(compose_config([*SMOKE, "ckpt_path=last"], output_dir=out))
+
+
+def test_resume_with_other_networks_names_the_changed_keys(smoke_run):
+    out = smoke_run
+    cfg = compose_config([*SMOKE, "ckpt_path=last", "kimg=0.032", "model.generator.ngf=8"], output_dir=out)
+    with pytest.raises(ConfigError, match=r"changes model.generator.ngf from the run .*overrides\.yaml"):
+        train(cfg)
+    # the speed switch is not part of the weights: changing it resumes
+    cfg = compose_config([*SMOKE, "ckpt_path=last", "kimg=0.02", "model.generator.execution=official"], output_dir=out)
+    train(cfg)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint", None])
+def test_resume_from_a_bad_file_is_one_line(tmp_path, content):
+    bad = tmp_path / "bad.ckpt"
+    if content is None:
+        torch.save({"state_dict": {}}, bad)  # a Lightning-like file galip did not write
+    else:
+        bad.write_bytes(content)
+    cfg = compose_config([*SMOKE, f"ckpt_path={bad}"], output_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"ckpt_path=.*bad\.ckpt.* is not a (readable|galip training) checkpoint"):
+        train(cfg)

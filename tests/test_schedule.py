@@ -75,8 +75,6 @@ def test_checkpoints_every_n_kimg_and_not_at_every_epoch_end(tmp_path):
         [
             "+experiment=smoke",
             "data.n_train=12",  # 3 batches of 4 per epoch: epochs end at 12, 24, 36 images
-            "trainer.limit_train_batches=null",
-            "trainer.max_epochs=-1",
             "kimg=0.04",
             "callbacks.checkpoint.every_n_kimg=0.016",  # 4 batches: at 16 and 32 images
             f"paths.output_dir={tmp_path}",
@@ -84,4 +82,4 @@ def test_checkpoints_every_n_kimg_and_not_at_every_epoch_end(tmp_path):
     )
     train(cfg)
     saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("*.ckpt"))
-    assert saved == ["last.ckpt", "step0000008.ckpt", "step0000016.ckpt"]
+    assert saved == ["kimg000000.016.ckpt", "kimg000000.032.ckpt", "last.ckpt"]  # named by images seen

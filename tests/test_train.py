@@ -6,7 +6,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from galip.config import SLOT_GROUPS, ConfigError, normalize_slot_overrides, validate
+from galip.config import SLOT_GROUPS, ConfigError, check_run_length, normalize_slot_overrides, validate
+from galip.train import train
 from tests.helpers import CONF_DIR, compose_config, config_names, run_train, train_in
 
 EXPERIMENTS = config_names("experiment")
@@ -18,14 +19,15 @@ def test_smoke_experiment_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     last = run_dir / "checkpoints" / "last.ckpt"
-    grids = sorted((run_dir / "samples").glob("step_*.png"))
+    grids = sorted((run_dir / "samples").glob("kimg*.png"))
     assert last.is_file()
     assert grids, f"no sample grid in {run_dir / 'samples'}"
     assert str(last) in proc.stdout
     assert str(grids[-1]) in proc.stdout
     assert f"run directory: {run_dir}" in proc.stdout
-    # 4 batches × 2 optimizer steps: the end-of-training grid is named after the last global step
-    assert grids[-1].name == "step_0000008.png"
+    # 4 batches of 4: the end-of-training grid is named after the images seen, as the checkpoints are
+    assert grids[-1].name == "kimg000000.016.png"
+    assert (run_dir / "checkpoints" / "kimg000000.016.ckpt").is_file()
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert saved.task_name == "smoke" and saved.clip.model_cfg.vision_cfg.layers == 4
@@ -194,6 +196,13 @@ def test_default_config_composes_and_validates(compose):
     validate(cfg)
     assert cfg.clip.name == "ViT-B-32-quickgelu" and list(cfg.model.tap_blocks) == [1, 4, 8]
     assert list(cfg.model.generator.prompt_blocks) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_run_without_a_length_is_one_line(compose):
+    """Experiments give ``kimg``; the bare root config has no run length and says what to give."""
+    with pytest.raises(ConfigError, match=r"no run length: give kimg=<thousands of images>"):
+        train(compose([]))
+    check_run_length(compose(["kimg=null", "trainer.max_epochs=2"]))
 
 
 @pytest.mark.parametrize("form", ["+experiment=smoke", "experiment=smoke"])

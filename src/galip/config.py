@@ -95,6 +95,19 @@ def _renamed(old: str, new: str):
 # ---------------------------------------------------------------------------------------------
 # Checks
 # ---------------------------------------------------------------------------------------------
+def check_run_length(cfg: DictConfig) -> None:
+    """A training run needs a length: ``kimg`` (experiments set it), or epochs / optimizer steps."""
+    if (
+        not cfg.get("kimg")
+        and cfg.trainer.get("max_steps", -1) in (-1, None)
+        and not cfg.trainer.get("max_epochs")
+    ):
+        raise ConfigError(
+            "no run length: give kimg=<thousands of images> (experiments set it), or trainer.max_epochs / "
+            "trainer.max_steps with kimg=null"
+        )
+
+
 def validate(cfg: DictConfig) -> None:
     """Tap and prompt blocks must exist in the CLIP (depth read from its config, no weights built); the run
     length is given once."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra.utils import instantiate
@@ -92,15 +93,7 @@ def load_module(path: str | Path, run_config: str | Path | None = None) -> GALIP
     path = _existing(path)
     if path.is_dir():
         path = _checkpoint(path)
-    checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)  # our own run's file
-    if (
-        not isinstance(checkpoint, Mapping)
-        or "state_dict" not in checkpoint
-        or "galip_version" not in checkpoint
-    ):
-        raise ValueError(
-            f"{path} is not a galip training checkpoint (a Lightning .ckpt written by galip.train)"
-        )
+    checkpoint = read_checkpoint(path)
     cfg = _run_config(path, run_config, checkpoint)
     register_resolvers()  # the run's config may compute values (${galip.call:…})
     module = build_module(cfg, instantiate(cfg.clip))
@@ -111,6 +104,18 @@ def load_module(path: str | Path, run_config: str | Path | None = None) -> GALIP
             f"{path} does not match its run config: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     return module.eval().requires_grad_(False)
+
+
+def read_checkpoint(path: str | Path, mmap: bool = False) -> Mapping[str, Any]:
+    """A training checkpoint galip wrote, whole; ``ValueError`` in one line for a file that is not one (another
+    program's, truncated, or not a checkpoint at all)."""
+    try:
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False, mmap=mmap)  # our run's file
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, … for a bad file
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:80]})") from err
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint or "galip_version" not in checkpoint:
+        raise ValueError(f"{path} is not a galip training checkpoint (a Lightning .ckpt written by galip.train)")
+    return checkpoint
 
 
 def _run_config(path: Path, run_config: str | Path | None, checkpoint: Mapping) -> DictConfig:

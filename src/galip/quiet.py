@@ -20,7 +20,10 @@ IGNORED_WARNINGS = (
     (r"You defined a `validation_step` but have no `val_dataloader`", "the tiny CLIP validates after fit"),
 )
 # (substring of a Lightning info line, why)
-IGNORED_LOG_LINES = (("litlogger", "an advertisement every Trainer prints"),)
+IGNORED_LOG_LINES = (
+    ("litlogger", "an advertisement every Trainer prints"),
+    ("`Trainer.fit` stopped: `max_steps=", "counts optimizer steps (two per batch); the run's kimg ended it"),
+)
 LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 
 

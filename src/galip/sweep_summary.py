@@ -34,7 +34,7 @@ class Run:
 
     directory: Path
     overrides: list[str]
-    step: int | None = None
+    batch: int | None = None
     kimg: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 
@@ -46,7 +46,7 @@ def read_run(directory: Path) -> Run:
     if lines:
         last = json.loads(lines[-1])
         metrics = last.get("metrics", {})
-        run.step, run.kimg = last.get("step"), last.get("kimg")
+        run.batch, run.kimg = last.get("batch"), last.get("kimg")
         run.metrics = {k.removeprefix(PREFIX): v for k, v in metrics.items()}
     return run
 
@@ -81,9 +81,9 @@ def metric_names(runs: Sequence[Run]) -> list[str]:
 
 def table_rows(runs: Sequence[Run]) -> tuple[list[str], list[list[Any]]]:
     names = metric_names(runs)
-    header = ["run", "overrides", "step", "kimg", *names]
+    header = ["run", "overrides", "batch", "kimg", *names]
     rows = [
-        [r.directory.name, label, r.step, r.kimg, *(r.metrics.get(n) for n in names)]
+        [r.directory.name, label, r.batch, r.kimg, *(r.metrics.get(n) for n in names)]
         for r, label in zip(runs, labels(runs), strict=True)
     ]
     return header, rows

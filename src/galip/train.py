@@ -8,22 +8,28 @@ from __future__ import annotations
 import logging
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from galip.callbacks.schedule import set_run_length
 from galip.checkpoints import export_generator
 from galip.clip import FrozenCLIP
-from galip.config import ConfigError, normalize_slot_overrides, register_resolvers, validate
+from galip.config import (
+    ConfigError,
+    check_run_length,
+    normalize_slot_overrides,
+    register_resolvers,
+    validate,
+)
 from galip.data.paper_layout import missing_data_cause
 from galip.data.webdataset import quote_shard_patterns
-from galip.loading import build_module
+from galip.loading import build_module, read_checkpoint
 from galip.models import Generator
 from galip.module import GALIPModule, NonFiniteError
 from galip.quiet import silence_library_noise
@@ -42,9 +48,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     register_resolvers()
     silence_library_noise()
     validate(cfg)
+    check_run_length(cfg)
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)
-    continue_wandb_run(cfg, ckpt_path)
+    if ckpt_path is not None:
+        resumed = read_resumable(ckpt_path, cfg)
+        continue_wandb_run(cfg, resumed)
     clip: FrozenCLIP = instantiate(cfg.clip)
     datamodule = instantiate(cfg.data, tokenizer=clip.tokenizer)
     module = build_module(cfg, clip)
@@ -85,12 +94,57 @@ def resolve_ckpt_path(cfg: DictConfig) -> str | None:
     return str(path)
 
 
-def continue_wandb_run(cfg: DictConfig, ckpt_path: str | None) -> None:
+# Settings that shape the weights (a resume that changes them cannot load the checkpoint), less the speed switch.
+SHAPING_KEYS = ("clip", "model.generator", "model.discriminator", "model.tap_blocks", "data.image_size")
+FREE_KEYS = ("model.generator.execution",)
+
+
+def read_resumable(ckpt_path: str, cfg: DictConfig) -> Mapping[str, Any]:
+    """The checkpoint a run resumes from, after the checks that make a resume do what it says: the file is a
+    galip checkpoint, the config builds the same networks, and the run length leaves something to train."""
+    try:
+        checkpoint = read_checkpoint(ckpt_path, mmap=True)
+    except ValueError as err:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: {err}") from None
+    saved = checkpoint.get("config")
+    if saved:
+        current = OmegaConf.to_container(cfg, resolve=True)
+        old, new = _leaves(saved, SHAPING_KEYS), _leaves(current, SHAPING_KEYS)
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        if changed:
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path}: this config changes {', '.join(changed)} from the run the checkpoint "
+                "came from; resume with that run's overrides (its .hydra/overrides.yaml)"
+            )
+    seen = checkpoint.get("images_seen", 0) / 1000.0
+    if cfg.get("kimg") and seen >= cfg.kimg:
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: the checkpoint has already seen {seen:g} kimg of the run's kimg={cfg.kimg}; "
+            "give a larger kimg= to train on"
+        )
+    return checkpoint
+
+
+def _leaves(tree: Any, keep: tuple[str, ...], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b.c": value}`` for the leaves under the dotted ``keep`` paths, less ``FREE_KEYS``."""
+    if prefix in FREE_KEYS:
+        return {}
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            path = f"{prefix}.{key}" if prefix else str(key)
+            if any(path == k or path.startswith(k + ".") or k.startswith(path + ".") for k in keep):
+                out.update(_leaves(value, keep, path))
+        return out
+    return {prefix: tree}
+
+
+def continue_wandb_run(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> None:
     """A resumed run logs into the W&B run its checkpoint came from."""
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
-    if ckpt_path is None or wandb_cfg is None:
+    if wandb_cfg is None:
         return
-    run_id = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True).get("wandb_run_id")
+    run_id = checkpoint.get("wandb_run_id")
     if run_id:
         with open_dict(cfg):
             wandb_cfg.id, wandb_cfg.resume = run_id, "allow"

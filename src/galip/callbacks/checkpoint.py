@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from galip.callbacks.schedule import kimg_due
+from galip.callbacks.schedule import batches_done, kimg_due, kimg_seen
 
 
 class Checkpoint(ModelCheckpoint):
@@ -36,6 +37,14 @@ class Checkpoint(ModelCheckpoint):
         candidates = self._monitor_candidates(trainer)
         self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
+
+    def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, Any]:
+        """Lightning's names for ``filename``, plus ``kimg`` (images seen) and ``batch`` (batches done): the
+        counters a user sees everywhere else (``step`` is Lightning's optimizer-step count, two per batch)."""
+        candidates = super()._monitor_candidates(trainer)
+        candidates["kimg"] = torch.tensor(kimg_seen(trainer.lightning_module), dtype=torch.float64)
+        candidates["batch"] = torch.tensor(batches_done(trainer))
+        return candidates
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)

@@ -16,6 +16,7 @@ from typing import Any
 
 import lightning as L
 
+from galip.callbacks.schedule import batches_done, log_step
 from galip.metrics.protocol import Evaluator, Subject, run_evaluators
 
 
@@ -131,7 +132,7 @@ class PeriodicEvaluation(L.Callback):
     def _append(self, trainer: L.Trainer, kimg: float, metrics: dict[str, float]) -> None:
         log_dir = self.log_dir or self.best_path(trainer).parent.parent
         log_dir.mkdir(parents=True, exist_ok=True)
-        record = {"step": trainer.global_step, "kimg": kimg, "metrics": metrics, "best": self.best}
+        record = {"batch": batches_done(trainer), "kimg": kimg, "metrics": metrics, "best": self.best}
         with open(log_dir / "evaluation.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -153,5 +154,5 @@ class PeriodicEvaluation(L.Callback):
         metrics = self.run(trainer, pl_module)
         if trainer.is_global_zero:
             for logger in trainer.loggers:  # self.log is not allowed in on_train_end
-                logger.log_metrics(metrics, step=trainer.global_step)
+                logger.log_metrics(metrics, step=log_step(trainer))
                 logger.save()

@@ -9,7 +9,7 @@ import lightning as L
 import torch
 
 from galip.callbacks.grid_images import log_grid_image
-from galip.callbacks.schedule import RENAMED_TO_KIMG, kimg_due, renamed_to_kimg
+from galip.callbacks.schedule import RENAMED_TO_KIMG, kimg_due, kimg_label, kimg_seen, renamed_to_kimg
 from galip.sampling import save_grid
 
 DEFAULT_CAPTIONS = (
@@ -21,7 +21,7 @@ DEFAULT_CAPTIONS = (
 
 
 class SampleGrid(L.Callback):
-    """Writes ``<dirpath>/step_XXXXXXX.png`` (rows = captions, written beside them; columns = fixed noises)
+    """Writes ``<dirpath>/kimg000012.800.png`` (named by the images seen) (rows = captions, written beside them; columns = fixed noises)
     every N kimg and at the end.
 
     Args:
@@ -67,7 +67,7 @@ class SampleGrid(L.Callback):
         rows = [c for c in captions for _ in range(self.n_per_caption)]
         images = module.generate(rows, self.fixed_noise(len(captions), module.generator.nz))
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / f"step_{trainer.global_step:07d}.png"
+        path = self.dirpath / f"{kimg_label(kimg_seen(module))}.png"
         save_grid(images.float().cpu(), path, self.n_per_caption, row_labels=captions)
         (self.dirpath / "captions.txt").write_text("\n".join(captions) + "\n")
         self.last_path = path

@@ -39,9 +39,24 @@ def set_run_length(trainer: L.Trainer, kimg: float, batch_size: int) -> int:
     return 2 * batches
 
 
+def kimg_seen(pl_module: L.LightningModule) -> float:
+    """Thousands of images seen over all ranks: the run's clock (checkpointed with the module)."""
+    return getattr(pl_module, "images_seen", 0) / 1000.0
+
+
+def kimg_label(kimg: float) -> str:
+    """``kimg000051.200``: file names that sort in training order (up to a million kimg)."""
+    return f"kimg{kimg:010.3f}"
+
+
 def batches_done(trainer: L.Trainer) -> int:
     """Training batches finished so far, across epochs (restored on resume with the fit loop's state)."""
     return trainer.fit_loop.epoch_loop.total_batch_idx + 1
+
+
+def log_step(trainer: L.Trainer) -> int:
+    """The step loggers file the last batch's values under (Lightning counts batches from 0 there)."""
+    return max(trainer.fit_loop.epoch_loop._batches_that_stepped - 1, 0)
 
 
 RENAMED_TO_KIMG = ("every_n_batches",)  # keys of earlier releases that `renamed_to_kimg` answers

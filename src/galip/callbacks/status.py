@@ -57,7 +57,6 @@ class TrainingStatus(L.Callback):
         metrics = trainer.callback_metrics
         return {
             "batch": batches_done(trainer),
-            "step": trainer.global_step,
             "kimg": images / 1000.0,
             "s_per_kimg": seconds / new_images * 1000.0,
             "images_per_s": new_images / max(seconds, 1e-9),
