@@ -25,16 +25,19 @@ def test_a_wandb_and_tensorboard_run_holds_the_grids_as_images(tmp_path):
         assert logged.size == written.size
         assert logged.convert("RGB").tobytes() == written.convert("RGB").tobytes()
 
-    # TensorBoard: an image summary under the same tag, as large as the grid
+    # TensorBoard: an image summary under the same tag, as large as the grid, at the last batch's step (4 batches,
+    # counted from 0 as the metrics are)
     (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
     images = image_summaries(events, "samples/grid")
     assert len(images) == len(grids)
+    step, image = images[-1]
+    assert step == 3
     with Image.open(grids[-1]) as written:
-        assert (images[-1].width, images[-1].height) == written.size
+        assert (image.width, image.height) == written.size
 
 
 def image_summaries(path: Path, tag: str) -> list:
-    """The image summaries of ``tag`` in a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+    """(step, image summary) of ``tag`` in a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
     from tensorboardX.proto.event_pb2 import Event
 
     data, found, offset = path.read_bytes(), [], 0
@@ -42,5 +45,5 @@ def image_summaries(path: Path, tag: str) -> list:
         (length,) = struct.unpack("<Q", data[offset : offset + 8])
         event = Event.FromString(data[offset + 12 : offset + 12 + length])
         offset += 12 + length + 4
-        found += [v.image for v in event.summary.value if v.tag == tag and v.HasField("image")]
+        found += [(event.step, v.image) for v in event.summary.value if v.tag == tag and v.HasField("image")]
     return found
