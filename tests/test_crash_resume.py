@@ -174,10 +174,8 @@ def test_every_periodic_checkpoint_matches_the_uninterrupted_runs(crashed):
         assert_same_training_state(reference[ckpt["global_step"]], ckpt, name)
 
 
-@pytest.mark.xfail(
-    strict=True, reason="ModelCheckpoint's version counter: a resume writes name-v1.ckpt again"
-)
 def test_a_resumed_run_writes_no_second_copy_of_a_checkpoint(crashed):
+    """A checkpoint the killed run had written is written again by the resume, under its own name (no -v1)."""
     full, run, _ = crashed
     assert [p.name for p in periodic(run / "checkpoints")] == [p.name for p in periodic(full / "checkpoints")]
 
