@@ -103,6 +103,17 @@ def test_non_ascii_prompts_condition_g_like_any_other(export_path):
     assert len({tuple(v.tolist()) for v in vectors}) == len(NON_ASCII)
 
 
+@pytest.mark.parametrize("prompts", ["''", "'   '", '["a red circle",""]'])
+def test_sample_cli_with_an_empty_prompt_is_a_one_line_error(export_path, prompts, tmp_path, capsys):
+    cfg = compose("sample", [f"ckpt={export_path}", f"prompts={prompts}", f"out_dir={tmp_path / 'out'}"])
+    with pytest.raises(SystemExit) as exit_info:
+        sample_cli.main(cfg)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("galip: prompt ") and "is empty" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_sample_cli_with_non_ascii_prompts_writes_them_back_unchanged(export_path, tmp_path):
     out = tmp_path / "out"
     prompts = "[" + ",".join(f'"{p}"' for p in NON_ASCII) + "]"
