@@ -61,15 +61,17 @@ def test_prompt_to_images_same_seed_same_images_and_the_slider_moves_them(url, b
     browser.get(url)
     prompt = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "#prompt textarea"))
     prompt.send_keys(Keys.CONTROL, "a")
+    prompt.send_keys(Keys.DELETE)
+    browser.find_element(By.ID, "generate").click()  # an empty prompt: a message, not a stack trace
+    toast = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, ".toast-body").text)
+    assert "the prompt is empty" in toast and "Traceback" not in toast
+    for close in browser.find_elements(By.CSS_SELECTOR, ".toast-close"):
+        close.click()
     prompt.send_keys("a small red triangle on a black background")
     set_number(browser, "#n input[type=number]", N)
-    set_number(browser, "#seed input", 42)
-    browser.find_element(By.ID, "generate").click()
-    first = wait_for(lambda: gallery_images(browser, N))
+    first = generate_with_seed(browser, 42, [])  # the seed of each under it: 42, 43, 44
     pixels = [decode(src) for src in first]
     assert all(p.ndim == 3 and p.shape[2] == 3 and p.shape[0] >= 32 for p in pixels)
-    captions = browser.find_element(By.ID, "gallery").text
-    assert all(f"seed {s}" in captions for s in (42, 43, 44)), captions
     status = browser.find_element(By.ID, "status").text
     assert f"{N} images in" in status and "on cpu" in status
     screenshot(browser, tmp_path)
@@ -85,9 +87,9 @@ def test_prompt_to_images_same_seed_same_images_and_the_slider_moves_them(url, b
     tab = next(t for t in browser.find_elements(By.CSS_SELECTOR, "button[role=tab]") if "Prompt" in t.text)
     tab.click()
     slider = wait_for(lambda: browser.find_element(By.CSS_SELECTOR, "#p_t input[type=range]"))
-    slider.send_keys(Keys.RIGHT)  # t = 0.05: the first image at the slider
+    slider.send_keys(Keys.RIGHT)  # t = 0.05: the first image at the slider, near the 'from' prompt's
     start = wait_for(lambda: image_src(browser, "#p_image img"))
-    slider.send_keys(*[Keys.RIGHT] * 19)  # t = 1
+    slider.send_keys(Keys.END)  # t = 1: the 'to' prompt's (one move, so one answer to wait for)
     end = wait_for(lambda: (src := image_src(browser, "#p_image img")) != start and src)
     assert np.abs(decode(start).astype(int) - decode(end).astype(int)).mean() > 1.0
 
@@ -112,7 +114,17 @@ def generate_with_seed(browser, seed: int, before: list[str]) -> list[str]:
 
     set_number(browser, "#seed input", seed)
     browser.find_element(By.ID, "generate").click()
-    return wait_for(lambda: (srcs := gallery_images(browser, N)) and srcs != before and srcs)
+    captions = [f"seed {seed + i}" for i in range(N)]
+
+    def arrived():  # every image replaced (other seeds, other pixels, other files) and no longer changing
+        srcs = gallery_images(browser, N)
+        if not srcs or set(srcs) & set(before):
+            return None
+        time.sleep(0.5)
+        text = browser.find_element(By.ID, "gallery").text
+        return gallery_images(browser, N) == srcs and all(c in text for c in captions) and srcs
+
+    return wait_for(arrived)
 
 
 def set_number(browser, selector: str, value: int) -> None:
@@ -122,6 +134,7 @@ def set_number(browser, selector: str, value: int) -> None:
     box = browser.find_element(By.CSS_SELECTOR, selector)
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(str(value), Keys.TAB)
+    wait_for(lambda: box.get_attribute("value") == str(value))
 
 
 def gallery_images(browser, n: int) -> list[str] | None:
@@ -140,7 +153,12 @@ def image_src(browser, selector: str) -> str | None:
 
 
 def decode(src: str) -> np.ndarray:
-    """The image behind an ``<img src>`` (served over loopback), decoded."""
+    """The image behind an ``<img src>`` (served over loopback), decoded; read again while the server is still
+    writing the file (a short read)."""
+    return wait_for(lambda: [_read(src)])[0]
+
+
+def _read(src: str) -> np.ndarray:
     with urllib.request.urlopen(src, timeout=10) as response:
         return np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
 

@@ -30,7 +30,7 @@ from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
 from galip.loading import load_generator
-from galip.sampling import Sampler, as_prompts, lerp_weights, run_export_cli, save_gif, save_grid, slerp
+from galip.sampling import Sampler, lerp_weights, run_export_cli, save_gif, save_grid, slerp
 
 INSTALL_HINT = "galip: the web page needs gradio: pip install 'galip[app]' (or pip install -e '.[app]')"
 EXAMPLE_PROMPTS = (
@@ -92,7 +92,7 @@ class Playground:
         n = int(n)
         if not 1 <= n <= MAX_IMAGES:
             raise ValueError(f"number of images {n}: choose 1 to {MAX_IMAGES}")
-        (prompt,) = as_prompts(prompt.strip())
+        prompt = typed(prompt, "the prompt")
         seeds = [int(seed) + i for i in range(n)]
         start = time.perf_counter()
         sent = self.sampler.sentence_vectors([prompt]).expand(n, -1)
@@ -103,27 +103,31 @@ class Playground:
 
     def prompt_frames(self, prompt_a: str, prompt_b: str, weights, seed: int, truncation: float = 1.0):
         """Fixed noise, the sentence vector blended from ``prompt_a`` (weight 0) to ``prompt_b`` (weight 1)."""
-        sent = self.sampler.sentence_vectors(as_prompts([prompt_a.strip(), prompt_b.strip()])).cpu()
+        prompts = [typed(prompt_a, "the 'from' prompt"), typed(prompt_b, "the 'to' prompt")]
+        sent = self.sampler.sentence_vectors(prompts).cpu()
         weights = torch.as_tensor(weights, dtype=torch.float32).reshape(-1)
         mix = torch.lerp(sent[0], sent[1], weights[:, None])
         return self.sampler.from_vectors(mix, self.seed_noise([seed], truncation).expand(len(mix), -1))
 
     def noise_frames(self, prompt: str, seed_a: int, seed_b: int, weights, truncation: float = 1.0):
         """Fixed prompt, the noise slerped from seed ``seed_a``'s (weight 0) to seed ``seed_b``'s (weight 1)."""
-        (prompt,) = as_prompts(prompt.strip())
+        prompt = typed(prompt, "the prompt")
         weights = torch.as_tensor(weights, dtype=torch.float32).reshape(-1)
         a, b = (self.seed_noise([s], truncation).expand(len(weights), -1) for s in (seed_a, seed_b))
         sent = self.sampler.sentence_vectors([prompt]).cpu().expand(len(weights), -1)
         return self.sampler.from_vectors(sent, slerp(a, b, weights))
 
     def strip(self, frames_of: Callable[[torch.Tensor], torch.Tensor], steps: int, stem: str):
-        """``steps`` frames at evenly spaced weights -> (strip PNG, GIF, status line)."""
+        """``steps`` frames at evenly spaced weights -> (strip PNG, GIF, status line); small frames are enlarged
+        (nearest) to at least 128 px, or a 32-px GIF is a speck on the page."""
         steps = int(steps)
         if not 2 <= steps <= 32:
             raise ValueError(f"steps {steps}: choose 2 to 32")
         start = time.perf_counter()
         frames = frames_of(lerp_weights(steps))
         took = time.perf_counter() - start
+        frames = frames.repeat_interleave(max(1, 128 // frames.shape[-1]), -1)
+        frames = frames.repeat_interleave(max(1, 128 // frames.shape[-2]), -2)
         strip = save_grid(frames, self._path(f"{stem}.png"), nrow=steps)
         return strip, save_gif(frames, self._path(f"{stem}.gif")), self._status(steps, took)
 
@@ -139,6 +143,14 @@ class Playground:
         path = self._path(f"{stem}.png")
         to_pil(image).save(path)
         return path
+
+
+def typed(prompt: str | None, what: str) -> str:
+    """A prompt from the page, stripped; an empty one is a ValueError that says which box is empty."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise ValueError(f"{what} is empty: type what to draw, e.g. '{EXAMPLE_PROMPTS[0]}'")
+    return prompt
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
