@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -222,7 +223,9 @@ def test_resume_in_place_appends_to_the_csv_and_replaces_rows_after_the_checkpoi
 
 def test_resume_of_a_finished_run_says_how_to_train_on(smoke_run):
     out = smoke_run
-    with pytest.raises(ConfigError, match=r"already seen 0.016 kimg of the run's kimg=0.016; give a larger kimg="):
+    with pytest.raises(
+        ConfigError, match=r"already seen 0.016 kimg of the run's kimg=0.016; give a larger kimg="
+    ):
         train(compose_config([*SMOKE, "ckpt_path=last"], output_dir=out))
 
 
@@ -232,7 +235,9 @@ def test_resume_with_other_networks_names_the_changed_keys(smoke_run):
     with pytest.raises(ConfigError, match=r"changes model.generator.ngf from the run .*overrides\.yaml"):
         train(cfg)
     # the speed switch is not part of the weights: changing it resumes
-    cfg = compose_config([*SMOKE, "ckpt_path=last", "kimg=0.02", "model.generator.execution=official"], output_dir=out)
+    cfg = compose_config(
+        [*SMOKE, "ckpt_path=last", "kimg=0.02", "model.generator.execution=official"], output_dir=out
+    )
     train(cfg)
 
 
@@ -244,5 +249,27 @@ def test_resume_from_a_bad_file_is_one_line(tmp_path, content):
     else:
         bad.write_bytes(content)
     cfg = compose_config([*SMOKE, f"ckpt_path={bad}"], output_dir=tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"ckpt_path=.*bad\.ckpt.* is not a (readable|galip training) checkpoint"):
+    with pytest.raises(
+        ConfigError, match=r"ckpt_path=.*bad\.ckpt.* is not a (readable|galip training) checkpoint"
+    ):
         train(cfg)
+
+
+def test_resume_removes_the_half_written_checkpoint_a_killed_run_left(smoke_run):
+    """A kill during a save leaves ``.last.ckpt.<pid>.tmp`` (as large as a checkpoint); the resume removes it,
+    while a live writer's temporary file stays."""
+    dead, live = (
+        smoke_run / "checkpoints" / ".last.ckpt.999999999.tmp",
+        smoke_run / "checkpoints" / f".x.ckpt.{os.getpid()}.tmp",
+    )
+    dead.write_bytes(b"half"), live.write_bytes(b"busy")
+    train(compose_config([*SMOKE, "ckpt_path=last", "kimg=0.02"], output_dir=smoke_run))
+    assert not dead.exists() and live.exists()
+
+
+def test_the_wandb_logger_does_not_pass_the_setting_wandb_warns_about():
+    """W&B prints "The anonymous setting has no effect" for anonymous=None, which Lightning always passes."""
+    from galip.loggers import WandbLogger
+
+    assert "anonymous" not in WandbLogger(offline=True, save_dir="unused")._wandb_init
+    assert WandbLogger(offline=True, save_dir="unused", anonymous=True)._wandb_init["anonymous"] == "allow"

@@ -28,6 +28,10 @@ def test_smoke_experiment_end_to_end(tmp_path):
     # 4 batches of 4: the end-of-training grid is named after the images seen, as the checkpoints are
     assert grids[-1].name == "kimg000000.016.png"
     assert (run_dir / "checkpoints" / "kimg000000.016.ckpt").is_file()
+    assert (
+        "kimg 0.016/0.016: 100%" in proc.stdout and "4/4" in proc.stdout
+    )  # one bar over the run, not per epoch
+    assert "Epoch" not in proc.stdout
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert saved.task_name == "smoke" and saved.clip.model_cfg.vision_cfg.layers == 4

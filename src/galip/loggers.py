@@ -1,4 +1,5 @@
-"""Loggers that continue a resumed run instead of starting its record again."""
+"""Lightning's loggers, with a resumed run's CSV continued instead of started again, and no W&B warning that
+no galip user can act on."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import csv
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger as LightningCSVLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
@@ -52,3 +54,14 @@ class CSVLogger(LightningCSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = ContinuingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class WandbLogger(LightningWandbLogger):
+    """``lightning.pytorch.loggers.WandbLogger`` without the ``anonymous=None`` it always hands to
+    ``wandb.init``: W&B answers it with a deprecation warning ("The anonymous setting has no effect") on
+    every run, which no galip user can act on. ``anonymous=True`` is still passed on."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)

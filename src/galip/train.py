@@ -17,6 +17,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from galip.atomic_io import remove_stale_temporaries
 from galip.callbacks.schedule import set_run_length
 from galip.checkpoints import export_generator
 from galip.clip import FrozenCLIP
@@ -49,11 +50,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     silence_library_noise()
     validate(cfg)
     check_run_length(cfg)
-    L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg)
     if ckpt_path is not None:
         resumed = read_resumable(ckpt_path, cfg)
         continue_wandb_run(cfg, resumed)
+        for tmp in remove_stale_temporaries(Path(cfg.paths.output_dir) / "checkpoints"):
+            log.info(f"removed {tmp.name}, a checkpoint a killed run left half-written")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the run-length line
     clip: FrozenCLIP = instantiate(cfg.clip)
     datamodule = instantiate(cfg.data, tokenizer=clip.tokenizer)
     module = build_module(cfg, clip)
@@ -62,7 +65,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     if cfg.get("kimg"):
         steps = set_run_length(trainer, cfg.kimg, cfg.data.batch_size)
-        log.info(f"run length: {cfg.kimg} kimg = {steps // 2} batches of {cfg.data.batch_size} per rank")
+        log.info(
+            f"run length: {cfg.kimg} kimg = {steps // 2} batches of {cfg.data.batch_size} per rank; seed {cfg.seed}"
+        )
     try:
         log_hyperparameters(cfg, module, trainer)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -22,6 +22,7 @@ of real scenes by its logit: a D at chance on shape gives G no reason to draw sh
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from collections.abc import Callable
@@ -132,30 +133,56 @@ def _swapped(scene: Scene, k: int, attribute: str, value: str) -> Scene:
     return Scene(objects, scene.background, scene.world)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    world, image_size, data = FULL_WORLD, 64, None
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m galip.world.probe",
+        description="Zero-shot attribute probe of a shapes CLIP, a generator's samples or a trained D.",
+    )
+    parser.add_argument(
+        "clip", nargs="?", help="a shapes CLIP file (default: the data preset's, shipped or cached)"
+    )
+    parser.add_argument("n", nargs="?", type=int, help="val scenes (default 400; 256 with --judge-shapes)")
+    parser.add_argument(
+        "--data", help="the data preset whose world it probes (shapes_demo, …; default: shapes)"
+    )
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--generator", metavar="EXPORT", help="probe G's samples with G's own CLIP")
+    mode.add_argument("--judge-shapes", metavar="EXPORT", help="the judge's shape confusion on G's samples")
+    mode.add_argument("--discriminator", metavar="RUN", help="a training run's D on real scenes")
+    args, rest = parser.parse_known_args(argv)
+    subject = args.generator or args.judge_shapes or args.discriminator
     if (
-        "--data" in argv
-    ):  # another world's preset (its scenes, judge and, by default, CLIP): --data shapes_demo
-        i = argv.index("--data")
-        data, argv = argv[i + 1], argv[:i] + argv[i + 2 :]
-        world, image_size = data_world(data)
-    if argv[:1] == ["--generator"]:
-        return probe_generator(
-            argv[1], int(argv[2]) if len(argv) > 2 else 400, world=world, image_size=image_size
-        )
-    if argv[:1] == ["--judge-shapes"]:
-        n = int(argv[2]) if len(argv) > 2 else 256
-        return judge_shapes(argv[1], n, world=world, image_size=image_size)
-    if argv[:1] == ["--discriminator"]:
-        n = int(argv[2]) if len(argv) > 2 else 400
-        return probe_discriminator(argv[1], n, world=world, image_size=image_size)
-    if data is not None and not argv:
-        argv = [shapes_clip(f"{data}_clip")]
-    path = argv[0] if argv else None
-    n_scenes = int(argv[1]) if len(argv) > 1 else 400
-    result = attribute_probe(load_shapes_clip(path), n_scenes, world=world, image_size=image_size)
+        subject is not None and args.clip is not None
+    ):  # `--generator EXPORT 400`: the count follows the subject
+        if args.n is not None or not args.clip.isdigit():
+            parser.error(f"unexpected argument {args.clip!r} (a count of scenes is an integer)")
+        args.clip, args.n = None, int(args.clip)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, float] | torch.Tensor:
+    args = parse(list(sys.argv[1:] if argv is None else argv))
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as err:  # a missing CLIP file, export or run: one line
+        print(f"galip: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args: argparse.Namespace) -> dict[str, float] | torch.Tensor:
+    world, image_size = data_world(args.data) if args.data else (FULL_WORLD, 64)
+    place = {"world": world, "image_size": image_size}
+    if args.generator:
+        return probe_generator(args.generator, args.n or 400, **place)
+    if args.judge_shapes:
+        return judge_shapes(args.judge_shapes, args.n or 256, **place)
+    if args.discriminator:
+        return probe_discriminator(args.discriminator, args.n or 400, **place)
+    path = args.clip or (shapes_clip(f"{args.data}_clip") if args.data else None)
+    n_scenes = args.n or 400
+    result = attribute_probe(load_shapes_clip(path), n_scenes, **place)
     return _print(path or "shapes CLIP", n_scenes, result, world)
 
 
