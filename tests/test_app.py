@@ -139,3 +139,15 @@ def test_the_default_is_the_shipped_demo_generator_and_its_readme_has_its_sha256
     assert images.shape == (2, 3, 32, 32) and images.std() > 0.1
     readme = (DEMO_GENERATOR.parent / "README.md").read_text()
     assert hashlib.sha256(DEMO_GENERATOR.read_bytes()).hexdigest() in readme
+
+
+def test_the_shipped_export_samples_from_the_repository_root(tmp_path):
+    """Its CLIP is named relative to the repository root, so the sample CLI takes it from any clone's root."""
+    from galip.world.demo_generator import DEMO_GENERATOR
+    from tests.helpers import run_module
+
+    root = DEMO_GENERATOR.parents[6]  # <root>/src/galip/world/assets/generator/demo/generator.safetensors
+    args = [f"ckpt={DEMO_GENERATOR.relative_to(root)}", "n=1", f"out_dir={tmp_path}"]
+    proc = run_module("galip.sample", args, root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "000_0000.png").is_file()
