@@ -321,6 +321,22 @@ def test_evaluate_end_to_end_on_the_embedded_world(trained_run):
     assert -1 <= m["clipsim"] <= 1 and m["clipsim/n"] == 24
     assert "N=24 generated vs the shapes/test images (N=16 real)" in proc.stdout
     assert "CLIPSIM" in proc.stdout and "judge/acc" in proc.stdout
+    assert "(the CLIP G was trained against: partly optimised)" in proc.stdout  # the world's CLIP is G's
+
+
+def test_clipsim_is_labelled_g_s_clip_only_when_it_is(tiny_clip):
+    from types import SimpleNamespace
+
+    from galip.clip import load_clip
+    from galip.evaluate import clipsim_is_gs
+    from tests.helpers import TINY_CLIP_CFG
+
+    torch.manual_seed(1)
+    other = load_clip(name=None, model_cfg=TINY_CLIP_CFG)
+    assert clipsim_is_gs([SimpleNamespace(clipsim_choice="model")], tiny_clip)
+    assert clipsim_is_gs([SimpleNamespace(clipsim_choice=tiny_clip)], tiny_clip)
+    assert not clipsim_is_gs([SimpleNamespace(clipsim_choice=other)], tiny_clip)
+    assert not clipsim_is_gs([SimpleNamespace(clipsim_choice=None)], tiny_clip)
 
 
 def test_evaluate_a_lightning_checkpoint_uses_the_ema(trained_run):

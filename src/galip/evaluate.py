@@ -10,9 +10,11 @@ ckpt -> generator -> evaluators -> generate + score -> print and write.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
+from galip.clip import FrozenCLIP
 from galip.config import data_name, fid_features, register_resolvers
 from galip.loading import load_generator
 from galip.metrics.fid import EXTRACTORS
@@ -87,10 +91,41 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_data(cfg)
     chosen = evaluators(cfg)  # then missing Inception or CLIP weights stop before G is loaded
     sampler = Sampler(load_generator(cfg.ckpt, cfg.get("run_config")), cfg.device)
-    return report(cfg, run_evaluators(chosen, subject(cfg, sampler)))
+    scored, metrics = subject(cfg, sampler), {}
+    for name, evaluator in chosen.items():  # one progress bar each: N=30000 takes a while
+        with tqdm(
+            total=getattr(evaluator, "n_samples", None), desc=f"evaluator {name}", unit="img", file=sys.stderr
+        ) as bar:
+            metrics.update(run_evaluators(evaluator, counted(scored, bar)))
+    return report(cfg, metrics, clipsim_is_gs(chosen.values(), sampler.clip))
 
 
-def report(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, Any]:
+def counted(scored: Subject, bar: tqdm) -> Subject:
+    """The subject, its generated images counted on ``bar``."""
+
+    def generate(captions, noise):
+        images = scored.generate(captions, noise)
+        bar.update(len(captions))
+        return images
+
+    return dataclasses.replace(scored, generate=generate)
+
+
+def clipsim_is_gs(chosen: Iterable[Any], g_clip: FrozenCLIP) -> bool:
+    """Whether CLIPSIM scores with the CLIP G was trained against (G's own, or one with the same weights)."""
+    for evaluator in chosen:
+        choice = getattr(evaluator, "clipsim_choice", None)
+        if choice == "model":
+            return True
+        if isinstance(choice, FrozenCLIP):
+            mine, theirs = choice.model.state_dict(), g_clip.model.state_dict()
+            return mine.keys() == theirs.keys() and all(
+                mine[k].shape == theirs[k].shape and torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine
+            )
+    return False
+
+
+def report(cfg: DictConfig, metrics: dict[str, float], clipsim_of_g: bool = False) -> dict[str, Any]:
     """Print one line per metric, each with its N and reference, and write the results JSON."""
     where = f"{data_name(cfg)}/{cfg.split}"
     lines = [f"galip.evaluate: {cfg.ckpt} on {where} (seed {cfg.seed})"]
@@ -107,7 +142,8 @@ def report(cfg: DictConfig, metrics: dict[str, float]) -> dict[str, Any]:
         lines.append(
             f"  CLIPSIM  {metrics['clipsim']:.4f} (x100 = {100 * metrics['clipsim']:.2f})   "
             f"N={int(metrics['clipsim/n'])} images vs their {where} captions; CLIP {name}"
-            f"{'/' + clip.pretrained if clip.get('pretrained') else ''} (the CLIP G was trained against: partly optimised)"
+            f"{'/' + clip.pretrained if clip.get('pretrained') else ''} "
+            + ("(the CLIP G was trained against: partly optimised)" if clipsim_of_g else "(not G's CLIP)")
         )
     judge = {k: v for k, v in metrics.items() if k.startswith("judge/") and k != "judge/n"}
     if judge:
