@@ -3,7 +3,7 @@
 Prompt -> images with the controls GANs are known for: the number of images, a seed per image (or a random one),
 truncation ψ, prompt interpolation and noise interpolation (a strip, an animated GIF and a slider), PNG/GIF
 downloads. Without ``ckpt=`` it serves the shipped demo generator (`galip.world.demo_generator`), so it works on a
-fresh clone. It binds to 127.0.0.1 unless told otherwise (``server_name=0.0.0.0``, ``share=true``: Gradio's
+fresh clone (``default_generator=`` names another). It binds to 127.0.0.1 unless told otherwise (``server_name=0.0.0.0``, ``share=true``: Gradio's
 own launch options, which also read ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``).
 
 `Playground` holds what the page does (plain functions of plain values, tested without a browser); `build_page`
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import hydra
 import torch
+from hydra.utils import get_method
 from omegaconf import DictConfig
 from PIL import Image
 from torchvision.transforms.functional import to_pil_image
@@ -39,6 +40,7 @@ EXAMPLE_PROMPTS = (
     "a large yellow triangle on a grey background",
     "a small green cross on a white background",
 )
+DEFAULT = "galip.world.demo_generator.load_demo_generator"  # conf/app.yaml's default_generator
 MAX_IMAGES = 16
 DISPLAY_PX = 192  # small images are enlarged (nearest) for the page; the downloads keep G's own size
 NOISE_NOTE = (
@@ -50,14 +52,15 @@ NOISE_NOTE = (
 # ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
-def load_sampler(ckpt: str | Path | None, device: str = "auto") -> tuple[Sampler, str]:
-    """The sampler of ``ckpt`` (``None``: the shipped demo generator) and a line that says what it is.
-    A file that is not one the project writes is a ValueError that says so (not a stack trace)."""
+def load_sampler(
+    ckpt: str | Path | None, device: str = "auto", default: str = DEFAULT
+) -> tuple[Sampler, str]:
+    """The sampler of ``ckpt`` and a line that says what it is; ``ckpt=None`` calls ``default``, the dotted name
+    of a function that returns a generator (the embedded world's, named rather than imported: the framework does
+    not depend on the world wing). A file that is not one the project writes is a ValueError that says so."""
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if ckpt is None:
-        from galip.world.demo_generator import DEMO_GENERATOR, load_demo_generator
-
-        return Sampler(load_demo_generator(), device), f"the shipped demo generator ({DEMO_GENERATOR.name})"
+        return Sampler(get_method(default)(), device), "the shipped demo generator"
     try:
         generator = load_generator(ckpt)
     except (RuntimeError, pickle.UnpicklingError, EOFError, KeyError) as err:  # torch.load of a foreign file
@@ -289,7 +292,7 @@ def build_page(play: Playground, examples: Sequence[str] = EXAMPLE_PROMPTS):
 # Entry point
 # ---------------------------------------------------------------------------------------------
 def serve(cfg: DictConfig) -> None:
-    sampler, source = load_sampler(cfg.ckpt, cfg.device)
+    sampler, source = load_sampler(cfg.ckpt, cfg.device, cfg.default_generator)
     page = build_page(Playground(sampler, source), list(cfg.examples) if cfg.examples else EXAMPLE_PROMPTS)
     page.launch(server_name=cfg.server_name, server_port=cfg.server_port, share=cfg.share)
 
