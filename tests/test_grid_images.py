@@ -12,11 +12,13 @@ from tests.helpers import run_train
 
 def test_a_wandb_and_tensorboard_run_holds_the_grids_as_images(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["+experiment=smoke", "logger=[wandb,tensorboard]", f"hydra.run.dir={run_dir}"]
+    # 4 batches of 4, a grid every 8 images: after batches 2 and 4, the last one not drawn (or logged) again at the end
+    every = "callbacks.sample_grid.every_n_kimg=0.008"
+    args = ["+experiment=smoke", every, "logger=[wandb,tensorboard]", f"hydra.run.dir={run_dir}"]
     proc = run_train(args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     grids = sorted((run_dir / "samples").glob("*.png"))
-    assert grids
+    assert [g.name for g in grids] == ["kimg000000.008.png", "kimg000000.016.png"]
 
     # W&B offline: <run>/wandb/offline-run-*/files/media/images/samples/grid_<step>_<hash>.png, the grid itself
     media = sorted(run_dir.glob("wandb/offline-run-*/files/media/images/samples/grid_*.png"))
@@ -25,19 +27,20 @@ def test_a_wandb_and_tensorboard_run_holds_the_grids_as_images(tmp_path):
         assert logged.size == written.size
         assert logged.convert("RGB").tobytes() == written.convert("RGB").tobytes()
 
-    # TensorBoard: an image summary under the same tag, as large as the grid, at the last batch's step (4 batches,
-    # counted from 0 as the metrics are)
+    # TensorBoard: an image summary under the same tag, as large as the grid, at its batch's step
     (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
-    images = image_summaries(events, "samples/grid")
+    values = summaries(events)
+    images = [(step, v.image) for step, v in values if v.tag == "samples/grid" and v.HasField("image")]
+    assert {step for step, v in values if v.tag == "kimg"} == {0, 1, 2, 3}  # the metrics' x-axis: batches
     assert len(images) == len(grids)
-    step, image = images[-1]
-    assert step == 3
+    assert [step for step, _ in images] == [1, 3]  # the batches' indices, as the metrics beside them
+    _, image = images[-1]
     with Image.open(grids[-1]) as written:
         assert (image.width, image.height) == written.size
 
 
-def image_summaries(path: Path, tag: str) -> list:
-    """(step, image summary) of ``tag`` in a TensorBoard event file (TFRecord framing: length, crc, data, crc)."""
+def summaries(path: Path) -> list:
+    """(step, summary value) of every event in a TensorBoard file (TFRecord framing: length, crc, data, crc)."""
     from tensorboardX.proto.event_pb2 import Event
 
     data, found, offset = path.read_bytes(), [], 0
@@ -45,5 +48,5 @@ def image_summaries(path: Path, tag: str) -> list:
         (length,) = struct.unpack("<Q", data[offset : offset + 8])
         event = Event.FromString(data[offset + 12 : offset + 12 + length])
         offset += 12 + length + 4
-        found += [(event.step, v.image) for v in event.summary.value if v.tag == tag and v.HasField("image")]
+        found += [(event.step, value) for value in event.summary.value]
     return found

@@ -67,7 +67,7 @@ class SampleGrid(L.Callback):
         rows = [c for c in captions for _ in range(self.n_per_caption)]
         images = module.generate(rows, self.fixed_noise(len(captions), module.generator.nz))
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        path = self.dirpath / f"{kimg_label(kimg_seen(module))}.png"
+        path = self.grid_path(module)
         save_grid(images.float().cpu(), path, self.n_per_caption, row_labels=captions)
         (self.dirpath / "captions.txt").write_text("\n".join(captions) + "\n")
         self.last_path = path
@@ -79,8 +79,13 @@ class SampleGrid(L.Callback):
             self.write(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
+        # unless the last batch drew this very grid (a run length that is a multiple of every_n_kimg): the
+        # loggers would show it twice
+        if trainer.is_global_zero and self.last_path != self.grid_path(pl_module):
             self.write(trainer, pl_module)
+
+    def grid_path(self, module: L.LightningModule) -> Path:
+        return self.dirpath / f"{kimg_label(kimg_seen(module))}.png"
 
 
 def _captions_from_val(trainer: L.Trainer) -> list[str] | None:
