@@ -151,8 +151,8 @@ def test_evaluate_scores_the_ema(trained, monkeypatch):
     """galip.evaluate on a training checkpoint: the generator it scores holds the EMA weights."""
     monkeypatch.setattr(evaluate, "check_data", lambda cfg: None)
     monkeypatch.setattr(evaluate, "evaluators", lambda cfg: {})
-    monkeypatch.setattr(evaluate, "subject", lambda cfg, sampler: sampler)
-    monkeypatch.setattr(evaluate, "report", lambda cfg, metrics: metrics)
+    monkeypatch.setattr(evaluate, "subject", lambda cfg, sampler, *_: sampler)
+    monkeypatch.setattr(evaluate, "report", lambda cfg, metrics, *_: metrics)
     monkeypatch.setattr(evaluate, "run_evaluators", lambda chosen, sampler: {"sampler": sampler})
     cfg = OmegaConf.create({"ckpt": str(trained / "checkpoints" / "last.ckpt"), "device": "cpu", "seed": 0})
     sampler = evaluate.evaluate(cfg)["sampler"]

@@ -10,7 +10,6 @@ ckpt -> generator -> evaluators -> generate + score -> print and write.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sys
@@ -76,12 +75,16 @@ def check_data(cfg: DictConfig) -> None:
     datamodule.setup("validate" if cfg.split == "val" else "test")
 
 
-def subject(cfg: DictConfig, sampler: Sampler) -> Subject:
+def subject(cfg: DictConfig, sampler: Sampler, bar: tqdm | None = None) -> Subject:
+    """The sampler as evaluators see it; the images it generates are counted on ``bar``."""
     datamodule = instantiate(cfg.data, tokenizer=sampler.clip.tokenizer)
     datamodule.setup("validate" if cfg.split == "val" else "test")
 
     def generate(captions, noise):
-        return sampler.from_vectors(sampler.sentence_vectors(captions), noise, cfg.batch_size)
+        images = sampler.from_vectors(sampler.sentence_vectors(captions), noise, cfg.batch_size)
+        if bar is not None:
+            bar.update(len(captions))
+        return images
 
     return Subject(generate, sampler.generator.nz, sampler.device, sampler.clip, datamodule)
 
@@ -91,24 +94,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_data(cfg)
     chosen = evaluators(cfg)  # then missing Inception or CLIP weights stop before G is loaded
     sampler = Sampler(load_generator(cfg.ckpt, cfg.get("run_config")), cfg.device)
-    scored, metrics = subject(cfg, sampler), {}
-    for name, evaluator in chosen.items():  # one progress bar each: N=30000 takes a while
-        with tqdm(
-            total=getattr(evaluator, "n_samples", None), desc=f"evaluator {name}", unit="img", file=sys.stderr
-        ) as bar:
-            metrics.update(run_evaluators(evaluator, counted(scored, bar)))
+    total = sum(getattr(e, "n_samples", 0) for e in chosen.values()) or None  # N=30000 takes a while
+    with tqdm(total=total, desc="generating", unit="img", file=sys.stderr) as bar:
+        metrics = run_evaluators(chosen, subject(cfg, sampler, bar))
     return report(cfg, metrics, clipsim_is_gs(chosen.values(), sampler.clip))
-
-
-def counted(scored: Subject, bar: tqdm) -> Subject:
-    """The subject, its generated images counted on ``bar``."""
-
-    def generate(captions, noise):
-        images = scored.generate(captions, noise)
-        bar.update(len(captions))
-        return images
-
-    return dataclasses.replace(scored, generate=generate)
 
 
 def clipsim_is_gs(chosen: Iterable[Any], g_clip: FrozenCLIP) -> bool:

@@ -335,7 +335,7 @@ def test_the_judge_in_the_evaluation_callback_writes_jsonl(random_judge, tmp_pat
     trainer.fit(FakeGALIP())
     lines = [json.loads(line) for line in (tmp_path / "eval" / "evaluation.jsonl").read_text().splitlines()]
     # after batches 2 and 4; the end of training is batch 4, already scored, so not judged twice
-    assert [line["step"] for line in lines] == [2, 4]
+    assert [line["batch"] for line in lines] == [2, 4]
     assert [line["kimg"] for line in lines] == [0.008, 0.016]
     expected = {"eval/judge/acc", "eval/judge/acc_colour", "eval/judge/scene_acc", "eval/judge/fd"}
     assert expected <= set(lines[0]["metrics"])

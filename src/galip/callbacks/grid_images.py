@@ -10,7 +10,7 @@ import numpy as np
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
-from galip.callbacks.schedule import batches_done
+from galip.callbacks.schedule import log_step
 
 KEY = "samples/grid"
 
@@ -19,7 +19,7 @@ def log_grid_image(trainer: L.Trainer, path: str | Path, key: str = KEY) -> None
     """``path`` (a grid PNG) as an image in each logger that takes images, at the step Lightning files the
     metrics of the batch just finished under (its index, from 0), whether drawn after a batch or at the end; the
     file name (which says when it was drawn) is its caption. Other loggers (CSV) are left alone."""
-    path, step = Path(path), batches_done(trainer) - 1
+    path, step = Path(path), log_step(trainer)
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_image(key=key, images=[str(path)], step=step, caption=[path.stem])

@@ -55,8 +55,8 @@ def batches_done(trainer: L.Trainer) -> int:
 
 
 def log_step(trainer: L.Trainer) -> int:
-    """The step loggers file the last batch's values under (Lightning counts batches from 0 there)."""
-    return max(trainer.fit_loop.epoch_loop._batches_that_stepped - 1, 0)
+    """The step loggers file the last finished batch's values under: Lightning counts batches from 0 there."""
+    return max(batches_done(trainer) - 1, 0)
 
 
 RENAMED_TO_KIMG = ("every_n_batches",)  # keys of earlier releases that `renamed_to_kimg` answers
