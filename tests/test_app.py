@@ -141,13 +141,14 @@ def test_the_default_is_the_shipped_demo_generator_and_its_readme_has_its_sha256
     assert hashlib.sha256(DEMO_GENERATOR.read_bytes()).hexdigest() in readme
 
 
-def test_the_shipped_export_samples_from_the_repository_root(tmp_path):
-    """Its CLIP is named relative to the repository root, so the sample CLI takes it from any clone's root."""
+def test_the_shipped_export_samples_from_anywhere(tmp_path):
+    """Its CLIP is named inside the package (``galip:…``), so the sample CLI takes it from any directory."""
+    from galip.checkpoints import read_export
     from galip.world.demo_generator import DEMO_GENERATOR
     from tests.helpers import run_module
 
-    root = DEMO_GENERATOR.parents[6]  # <root>/src/galip/world/assets/generator/demo/generator.safetensors
-    args = [f"ckpt={DEMO_GENERATOR.relative_to(root)}", "n=1", f"out_dir={tmp_path}"]
-    proc = run_module("galip.sample", args, root)
+    assert read_export(DEMO_GENERATOR)[1]["clip"]["path"] == "galip:world/assets/clip/7c9242c5815f/clip.pt"
+    args = [f"ckpt={DEMO_GENERATOR}", "n=1", f"out_dir={tmp_path / 'out'}"]
+    proc = run_module("galip.sample", args, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (tmp_path / "000_0000.png").is_file()
+    assert (tmp_path / "out" / "000_0000.png").is_file()

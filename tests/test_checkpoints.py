@@ -146,6 +146,21 @@ def test_export_without_embedded_clip_when_it_has_a_source(tiny_g, tmp_path):
     assert meta["clip"] == spec
 
 
+def test_export_names_a_clip_file_inside_the_package_relative_to_it(tiny_g, tmp_path):
+    """A shipped CLIP is recorded as ``galip:<path in the package>`` (it loads from any clone or install);
+    a file elsewhere keeps its path."""
+    from galip.clip.backbone import PACKAGE_DIR, _existing_file
+
+    shipped = next((PACKAGE_DIR / "world" / "assets" / "clip").glob("*/clip.pt"))
+    _, meta = read_export(export_generator(tiny_g, tmp_path / "a.safetensors", {"path": str(shipped)}))
+    assert meta["clip"]["path"] == "galip:" + shipped.relative_to(PACKAGE_DIR).as_posix()
+    assert _existing_file(meta["clip"]["path"]) == shipped
+    _, meta = read_export(
+        export_generator(tiny_g, tmp_path / "b.safetensors", {"path": "/elsewhere/clip.pt"})
+    )
+    assert meta["clip"]["path"] == "/elsewhere/clip.pt"
+
+
 def test_export_metadata(tiny_g, tiny_export):
     with safe_open(str(tiny_export), "pt") as fh:
         raw = fh.metadata()

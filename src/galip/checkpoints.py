@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from galip import __version__
 from galip.atomic_io import atomic_path
 from galip.clip import FrozenCLIP, load_clip
+from galip.clip.backbone import package_relative
 from galip.config import to_plain
 from galip.models import Generator
 
@@ -30,12 +31,15 @@ CLIP_PREFIX = "clip."
 def export_generator(generator: Generator, path: str | Path, clip_spec: Mapping[str, Any]) -> Path:
     """Write G's weights + what is needed to rebuild it (``clip_spec``: kwargs of ``galip.clip.load_clip``).
 
+    A CLIP file inside the package (the shipped shapes CLIPs) is recorded as ``galip:<path in the package>``.
     A CLIP with no weights source (random init: tests, smoke runs) cannot be rebuilt from its spec, so
     its weights go into the file too, under ``clip.``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spec = {k: v for k, v in to_plain(clip_spec).items() if not k.startswith("_")}
+    if spec.get("path"):  # a shipped CLIP is named inside the package, so the export loads from any install
+        spec["path"] = package_relative(spec["path"])
     metadata = {
         "format": FORMAT,
         "galip_version": __version__,

@@ -106,8 +106,27 @@ def load_clip(
     return clip
 
 
+# A weights file inside the installed package (the shipped shapes CLIPs), as an export names it: the same
+# file wherever the package is installed or the clone lives.
+PACKAGE_PREFIX = "galip:"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def package_relative(path: str | os.PathLike) -> str:
+    """``galip:world/assets/clip/<key>/clip.pt`` for a file inside the package, else the path unchanged."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved.is_relative_to(PACKAGE_DIR):
+        return PACKAGE_PREFIX + resolved.relative_to(PACKAGE_DIR).as_posix()
+    return str(path)
+
+
 def _existing_file(path: str | os.PathLike) -> Path:
-    path = Path(path).expanduser()
+    text = str(path)
+    path = (
+        PACKAGE_DIR / text[len(PACKAGE_PREFIX) :]
+        if text.startswith(PACKAGE_PREFIX)
+        else Path(path).expanduser()
+    )
     if not path.is_file():
         raise CLIPWeightsMissing(f"clip.path={str(path)!r} does not exist (expected a CLIP checkpoint file)")
     return path
