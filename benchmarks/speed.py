@@ -18,6 +18,13 @@ CLIP to the real pixels, the real images' CLIP pass through all blocks, the sent
 and the G backward also filling D's gradients. ``--ladder`` measures every case with no lever, then adds
 the levers one at a time, so each row's ratio to the first is measured in the same run.
 
+``--official-code PATH`` (a checkout of tobran/GALIP) adds a row per case that runs **the official code itself**
+(`official_code.py`: its modules and its ``train`` function, patched at run time to run on a CPU); the
+``× official`` column then divides by that row. ``--levers none/default`` runs several lever sets, and
+``--rounds 2`` runs the whole list twice, alternating, so a drifting machine hits every row alike:
+
+    python benchmarks/speed.py --official-code /tmp/GALIP --levers none/default --cases g1,g8,step8 --rounds 2
+
 Each case runs in a fresh subprocess (unless ``--in-process``) so its peak memory is its own: peak RSS
 on CPU (``ru_maxrss`` is monotone over a process's life), ``torch.cuda.max_memory_allocated`` on CUDA.
 
@@ -67,6 +74,8 @@ LEVERS = {
     "module_step": "D+G step as GALIPModule runs it: real images' CLIP taps without graph (stopping at the "
     "last tap block), D frozen in the G backward, sentence vectors without grad",
     "hugepages": "THP_MEM_ALLOC_ENABLE=1: transparent huge pages for large CPU tensors (set by `import galip`)",
+    "keep_freed_memory": "glibc malloc keeps freed memory (no mmap, no trim: galip.keep_freed_memory, called by "
+    "`import galip`), so a step reuses the pages of the step before instead of faulting fresh ones in",
     "batched_affines": "all Affine MLPs of G in one matmul + one batched matmul per width",
     "fused_fusion": "each DFBlock's four elementwise ops as one autograd op",
     "folded_upsample": "each GBlock's fuse1 and shortcut before its nearest upsample, and c1 of a 2x upsample as "
@@ -87,6 +96,7 @@ LEVERS = {
 DEFAULT_LEVERS = (
     "module_step",
     "hugepages",
+    "keep_freed_memory",
     "batched_affines",
     "fused_fusion",
     "folded_upsample",
@@ -96,6 +106,11 @@ DEFAULT_LEVERS = (
 )
 LADDER = (*DEFAULT_LEVERS, "cached_text", "channels_last")
 STEP_ONLY = frozenset({"module_step", "cached_text", "fused_adam"})
+
+
+def parse_lever_sets(text: str) -> list[tuple[str, ...]]:
+    """``--levers``: one lever set, or several separated by ``/`` (``none/default``)."""
+    return [parse_levers(part) for part in text.split("/")]
 
 
 def parse_levers(text: str) -> tuple[str, ...]:
@@ -157,8 +172,29 @@ def geometry_spec(geometry: str) -> dict:
     raise ValueError(f"--geometry {geometry!r}: expected vit_b32 or tiny")
 
 
+def build_demo_module():
+    """The CPU demo's module as `make demo` builds it (``+experiment=demo``: its CLIP, G, D and optimizers; the
+    shipped CLIP's weights, though speed does not depend on them). Its levers are the config's (galip's defaults)."""
+    from hydra.utils import instantiate
+
+    from galip.config import compose
+    from galip.loading import build_module as module_of_config
+
+    cfg = compose("train", ["+experiment=demo", "paths.output_dir=outputs/speed_demo"])
+    module = module_of_config(cfg, instantiate(cfg.clip))
+    module.__class__ = bench_module_class()  # the same module, keeping its two losses instead of logging them
+    module.image_size = int(cfg.data.image_size)  # the world's images: 32 px
+    return module
+
+
 def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DEFAULT_LEVERS):
-    """A GALIPModule (default losses and optimizers) around a random-weight frozen CLIP, on ``device``."""
+    """A GALIPModule (default losses and optimizers) around a random-weight frozen CLIP, on ``device``.
+
+    ``geometry="demo"``: the demo config's module (`build_demo_module`); ``levers`` must then be the defaults."""
+    if geometry == "demo":
+        if tuple(levers) != DEFAULT_LEVERS:
+            raise ValueError("--geometry demo runs the demo config as it is: --levers default only")
+        return build_demo_module().to(device)
     from galip.clip import load_clip
     from galip.clip.blocks import set_gemm_attention
     from galip.models import Discriminator, Generator
@@ -202,7 +238,7 @@ def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DE
 
 def make_batch(module, batch_size: int, device: torch.device) -> dict:
     """A data-module-shaped batch: images in [-1, 1] at CLIP's size, captions and their tokens."""
-    size = module.clip.geometry.image_size
+    size = getattr(module, "image_size", module.clip.geometry.image_size)
     captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)]
     return {
         "image": torch.rand(batch_size, 3, size, size, device=device) * 2 - 1,
@@ -291,6 +327,27 @@ def official_step(module, batch: dict, opt_g: torch.optim.Optimizer, opt_d: torc
     return {"d_loss": d_terms["loss"].item(), "g_loss": g_terms["loss"].item()}
 
 
+def official_case_fn(
+    kind: str, batch_size: int, checkout: str, geometry: str, device: torch.device, seed: int
+) -> Callable[[], None]:
+    """A repeat of the case run by the official code itself (`official_code.OfficialRun`)."""
+    if kind == "cached" or geometry != "vit_b32" or device.type != "cpu":
+        raise ValueError("--official-code runs gN and stepN at the vit_b32 geometry on the CPU")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import official_code
+
+    run = official_code.OfficialRun(checkout, seed)
+    batch = run.batch([CAPTIONS[i % len(CAPTIONS)] for i in range(batch_size)])
+    return run.sample_fn(batch) if kind == "g" else run.step_fn(batch)
+
+
+def official_code_label(checkout: str) -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import official_code
+
+    return f"official code (tobran/GALIP {official_code.revision(checkout)})"
+
+
 def parse_case(case: str) -> tuple[str, int]:
     match = re.fullmatch(r"(g|step|cached)(\d+)", case)
     if not match or int(match.group(2)) < 1:
@@ -361,8 +418,12 @@ def run_case(
     threads: int | None = None,
     seed: int = 0,
     levers: Sequence[str] = DEFAULT_LEVERS,
+    official_code: str | None = None,
 ) -> dict:
     """Run one case in this process and return its measurements.
+
+    ``official_code``: a tobran/GALIP checkout; the case then runs the official code itself (`official_code.py`)
+    and ``levers`` are ignored.
 
     ``levers`` (see ``LEVERS``) choose how the same maths is run; ``hugepages`` only takes effect in a fresh
     process (`run_case_subprocess` sets the environment variable torch reads at its first large allocation).
@@ -378,7 +439,9 @@ def run_case(
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _measure(kind, batch_size, case, device, geometry, repeats, warmup, precision, seed, levers)
+        return _measure(
+            kind, batch_size, case, device, geometry, repeats, warmup, precision, seed, levers, official_code
+        )
     finally:
         torch.set_num_threads(previous_threads)  # in-process callers (tests) keep their own setting
 
@@ -394,12 +457,16 @@ def _measure(
     precision: str,
     seed: int,
     levers: Sequence[str],
+    official_code: str | None = None,
 ) -> dict:
     dev = torch.device(device)
     torch.manual_seed(seed)
-    module = build_module(geometry, dev, levers)
-    batch = make_batch(module, batch_size, dev)
-    fn = case_fn(kind, module, batch, levers)
+    if official_code:
+        levers = ()
+        fn = official_case_fn(kind, batch_size, official_code, geometry, dev, seed)
+    else:
+        module = build_module(geometry, dev, levers)
+        fn = case_fn(kind, module, make_batch(module, batch_size, dev), levers)
 
     _sync(dev)
     if dev.type == "cuda":
@@ -428,7 +495,9 @@ def _measure(
         }[kind],
         "batch": batch_size,
         "levers": list(levers),
+        "official_code": official_code_label(official_code) if official_code else None,
         "hugepages_env": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "keeps_freed_memory": getattr(sys.modules.get("galip"), "KEEPS_FREED_MEMORY", False),
         "geometry": geometry,
         "device": device,
         "precision": precision,
@@ -449,15 +518,23 @@ def _measure(
     }
 
 
-def run_case_subprocess(case: str, args: argparse.Namespace, levers: Sequence[str]) -> dict:
+def run_case_subprocess(
+    case: str, args: argparse.Namespace, levers: Sequence[str], official_code: str | None = None
+) -> dict:
     """Re-invoke this script for one case so the case's peak memory is measured in a fresh process."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--cases", case]
     cmd += ["--levers", ",".join(levers) or "none"]
+    if official_code:
+        cmd += ["--official-code", official_code]
     cmd += ["--device", args.device, "--geometry", args.geometry, "--precision", args.precision]
     cmd += ["--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    env = {**os.environ, "THP_MEM_ALLOC_ENABLE": "1" if "hugepages" in levers else "0"}
+    env = {
+        **os.environ,
+        "THP_MEM_ALLOC_ENABLE": "1" if "hugepages" in levers else "0",
+        "GALIP_KEEP_FREED_MEMORY": "1" if "keep_freed_memory" in levers else "0",
+    }
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_JSON_TAG)]
     if proc.returncode != 0 or not lines:
@@ -472,7 +549,8 @@ def run_case_subprocess(case: str, args: argparse.Namespace, levers: Sequence[st
 
 LEGEND = (
     "levers: see benchmarks/speed.py LEVERS (`+ x`: the row above plus lever x); × official: median of the "
-    "same case with no lever (the official computation) in this run / this median; "
+    "same case's official-code rows in this run (without them: its no-lever rows, galip's reproduction of the "
+    "official computation) / this median; "
     "median/min s: wall seconds per repeat; images/s = batch / median; CPU s: median process CPU seconds per "
     "repeat, all threads (≈ wall × threads when the cores are free); peak memory: see above; growth: peak minus the "
     "memory held once the models were built (CLIP + G + D, and the batch); load avg: 1-min load average before → "
@@ -482,9 +560,11 @@ LEGEND = (
 
 def lever_label(result: dict, previous: dict | None) -> str:
     """``none``, ``default``, the levers, or ``+ lever`` when the row adds one lever to the row above."""
+    if result.get("official_code"):
+        return result["official_code"]
     levers = result.get("levers", list(DEFAULT_LEVERS))
     if not levers:
-        return "none (official computation)"
+        return "none (galip's reproduction of the official computation)"
     if previous is not None and previous["case"] == result["case"]:
         added = [lever for lever in levers if lever not in previous.get("levers", [])]
         if len(added) == 1 and len(levers) == len(previous.get("levers", [])) + 1:
@@ -493,8 +573,14 @@ def lever_label(result: dict, previous: dict | None) -> str:
 
 
 def markdown_table(results: Sequence[dict]) -> str:
-    """One row per result; ``× official`` compares with the same case's no-lever row of this run, if any."""
-    baselines = {r["case"]: r for r in results if r.get("levers") == []}
+    """One row per result; ``× official`` compares with the median of the same case's official-code rows of
+    this run, or (without them) of its no-lever rows."""
+    baselines = {}
+    for case in {r["case"] for r in results}:
+        rows = [r for r in results if r["case"] == case and r.get("official_code")]
+        rows = rows or [r for r in results if r["case"] == case and r.get("levers") == []]
+        if rows:
+            baselines[case] = statistics.median(r["median_s"] for r in rows)
     rows = [
         "| case | levers | batch | median s | min s | × official | images/s | CPU s | peak memory (MiB) "
         "| growth (MiB) | load avg |",
@@ -503,7 +589,7 @@ def markdown_table(results: Sequence[dict]) -> str:
     previous = None
     for r in results:
         base = baselines.get(r["case"])
-        speedup = f"{base['median_s'] / r['median_s']:.2f}" if base is not None else "–"
+        speedup = f"{base / r['median_s']:.2f}" if base is not None else "–"
         rows.append(
             f"| {r['case']} | {lever_label(r, previous)} | {r['batch']} | {r['median_s']:.3f} | {r['min_s']:.3f} "
             f"| {speedup} | {r['images_per_s']:.2f} | {r['cpu_s']:.1f} | {r['peak_mem_mib']:.0f} "
@@ -564,11 +650,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16 = autocast (CUDA)")
-    p.add_argument("--geometry", choices=("vit_b32", "tiny"), default="vit_b32")
+    p.add_argument(
+        "--geometry",
+        choices=("vit_b32", "tiny", "demo"),
+        default="vit_b32",
+        help="demo: the CPU demo's config (+experiment=demo), e.g. --cases step32",
+    )
     p.add_argument(
         "--cases", default=",".join(DEFAULT_CASES), help="gN = G forward, stepN = D+G step, N = batch"
     )
-    p.add_argument("--levers", default="default", help=f"none | default | comma list of {', '.join(LEVERS)}")
+    p.add_argument(
+        "--levers",
+        default="default",
+        help=f"none | default | comma list of {', '.join(LEVERS)}; several sets separated by / (none/default)",
+    )
+    p.add_argument(
+        "--official-code",
+        default=None,
+        metavar="PATH",
+        help="a tobran/GALIP checkout: each case also runs the official code itself (official_code.py)",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="run the whole list of rows this many times, in turn"
+    )
     p.add_argument(
         "--ladder", action="store_true", help="each case with no lever, then adding the levers one at a time"
     )
@@ -585,15 +689,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
-        args.lever_set = parse_levers(args.levers)
+        args.lever_sets = parse_lever_sets(args.levers)
     except ValueError as e:
         p.error(str(e))
+    args.lever_set = args.lever_sets[0]
+    if args.official_code:
+        args.official_code = str(Path(args.official_code).expanduser().resolve())
     if args.ladder and args.in_process:
         p.error("--ladder needs a fresh process per row (huge pages are fixed at a process's start)")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device available")
-    if args.precision == "bf16" and args.device == "cpu":
-        print("note: bf16 autocast on CPU is rarely faster than fp32", file=sys.stderr)
+    native_bf16 = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if args.precision == "bf16" and args.device == "cpu" and not native_bf16:
+        print(
+            "note: this CPU has no native bf16 (AVX-512 BF16 or AMX): bf16 autocast is emulated",
+            file=sys.stderr,
+        )
     return args
 
 
@@ -614,23 +725,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     }
     if args.worker:
         for case in cases:
-            print(_JSON_TAG + json.dumps(run_case(case, levers=args.lever_set, **kwargs)), flush=True)
+            result = run_case(case, levers=args.lever_set, official_code=args.official_code, **kwargs)
+            print(_JSON_TAG + json.dumps(result), flush=True)
         return []
 
-    runs = [
-        (case, levers)
-        for case in cases
-        for levers in (ladder(parse_case(case)[0]) if args.ladder else [args.lever_set])
-    ]
+    runs = []
+    for case in cases:
+        if args.official_code and parse_case(case)[0] != "cached":
+            runs.append((case, (), args.official_code))
+        lever_sets = ladder(parse_case(case)[0]) if args.ladder else args.lever_sets
+        runs += [(case, levers, None) for levers in lever_sets]
     results = []
-    for case, levers in runs:
+    for case, levers, official in runs * args.rounds:
         if args.in_process:
-            result = run_case(case, levers=levers, **kwargs)
+            result = run_case(case, levers=levers, official_code=official, **kwargs)
         else:
-            result = run_case_subprocess(case, args, levers)
+            result = run_case_subprocess(case, args, levers, official)
+        what = "official code" if official else ",".join(levers) or "none"
         print(
-            f"{case} [{','.join(levers) or 'none'}]: median {result['median_s']:.3f} s, "
-            f"times {[round(t, 3) for t in result['times_s']]}",
+            f"{case} [{what}]: median {result['median_s']:.3f} s, times {[round(t, 3) for t in result['times_s']]}",
             file=sys.stderr,
         )
         results.append(result)

@@ -374,9 +374,22 @@ def test_ladder_table_reports_speedup_over_the_official_row():
         [row((), 30.0), row(("module_step",), 20.0), row(speed.DEFAULT_LEVERS, 10.0)]
     )
     lines = table.splitlines()[2:]
-    assert "none (official computation)" in lines[0] and "| 1.00 |" in lines[0]
+    assert "none (galip's reproduction" in lines[0] and "| 1.00 |" in lines[0]
     assert "+ module_step" in lines[1] and "| 1.50 |" in lines[1]
     assert "| default |" in lines[2] and "| 3.00 |" in lines[2]
+
+    # with rows of the official code itself, those are the baseline (the median of them)
+    official = [{**row((), t), "official_code": "official code (tobran/GALIP abc)"} for t in (36.0, 44.0)]
+    lines = speed.markdown_table([official[0], row((), 30.0), row(speed.DEFAULT_LEVERS, 10.0), official[1]])
+    lines = lines.splitlines()[2:]
+    assert "official code (tobran/GALIP abc)" in lines[0] and "| 1.11 |" in lines[0]
+    assert "none (galip's reproduction" in lines[1] and "| 1.33 |" in lines[1]
+    assert "| default |" in lines[2] and "| 4.00 |" in lines[2]
+
+
+def test_several_lever_sets():
+    assert speed.parse_lever_sets("none/default") == [(), speed.DEFAULT_LEVERS]
+    assert speed.parse_lever_sets("default") == [speed.DEFAULT_LEVERS]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,12 +411,24 @@ def test_import_galip_turns_huge_pages_on_unless_told_otherwise():
     assert _thp_after_import("0") == "0"
 
 
+@pytest.mark.parametrize("env_value, kept", [(None, True), ("0", False)])
+def test_import_galip_keeps_freed_memory_unless_told_otherwise(env_value, kept):
+    env = {k: v for k, v in os.environ.items() if k != "GALIP_KEEP_FREED_MEMORY"}
+    if env_value is not None:
+        env["GALIP_KEEP_FREED_MEMORY"] = env_value
+    code = "import galip; print(galip.KEEPS_FREED_MEMORY)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(kept and sys.platform.startswith("linux"))
+
+
 # ---------------------------------------------------------------------------------------------
 # CLIP blocks with gradients: attention projections as 2-D matmuls
 # ---------------------------------------------------------------------------------------------
 
 
-def test_run_block_is_the_open_clip_block_in_values_and_gradients(tiny_clip):
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "sequence_first"])
+def test_run_block_is_the_open_clip_block_in_values_and_gradients(tiny_clip, gemm):
+    set_gemm_attention(gemm)  # False: the official code's [L, B, width] layout (speed.py without the lever)
     block = tiny_clip.visual.transformer.resblocks[1]
     assert _is_plain(block)
     torch.manual_seed(0)
@@ -450,9 +475,12 @@ def test_run_block_can_be_switched_off(tiny_clip, monkeypatch):
     with torch.no_grad():  # without autograd open_clip's block (and MultiheadAttention's fused path) runs
         assert run_block(block, x) is x and seen == [x]
     seen.clear()
-    set_gemm_attention(False)
+    set_gemm_attention(False)  # the official code's layout: the block's maths on the [L, B, width] view
     try:
-        assert run_block(block, x) is x and seen == [x]
+        run_block(block, x)
+        with torch.no_grad():
+            run_block(block, x)
+        assert not seen
     finally:
         set_gemm_attention(True)
 

@@ -1,4 +1,4 @@
-"""``python -m galip.sample ckpt=generator.safetensors prompts='["a bird", …]' n=8 seed=0 [truncation=0.7]``.
+"""``python -m galip.sample ckpt=generator.safetensors prompts='["a bird", …]' n=8 seed=0 [truncation=0.7] [precision=bf16]``.
 
 Writes ``<out_dir>/grid.png`` (one row per prompt, the prompt beside it) and ``<out_dir>/<prompt index>_<i>.png``.
 """
@@ -14,7 +14,7 @@ from galip.sampling import Sampler, as_prompts, run_export_cli, save_grid, save_
 
 
 def sample(cfg: DictConfig) -> Path:
-    sampler = Sampler.from_file(cfg.ckpt, device=cfg.device)
+    sampler = Sampler.from_file(cfg.ckpt, device=cfg.device, precision=cfg.precision)
     prompts = as_prompts(cfg.prompts)  # a string is one prompt
     images = sampler.generate(
         prompts, n=cfg.n, seed=cfg.seed, batch_size=cfg.batch_size, truncation=cfg.truncation

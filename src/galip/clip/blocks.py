@@ -7,8 +7,13 @@ them (``bmm``); on the contiguous [B·L, width] rows the same projection is one 
 block's maths itself in that layout: LayerNorm, QKV projection, ``scaled_dot_product_attention`` (the
 kernel MultiheadAttention calls too), output projection, LayerScale, MLP. Anything that is not a plain
 open_clip ``ResidualAttentionBlock`` runs as ``block(x)``, and so does every block without autograd
-(MultiheadAttention then has its own fused inference path), and every block after
-``set_gemm_attention(False)`` (the official code's way; benchmarks/speed.py's lever ``gemm_attention``).
+(MultiheadAttention then has its own fused inference path).
+
+After ``set_gemm_attention(False)`` (benchmarks/speed.py without the lever ``gemm_attention``) a plain block
+runs as the official code runs OpenAI's CLIP blocks, with and without autograd: on the sequence-first
+[L, B, width] view, through MultiheadAttention's sequence-first path (its projections are then GEMMs on
+contiguous rows, and it has no fused inference path), so that the benchmark's reproduction of the official
+computation also times like it.
 """
 
 from __future__ import annotations
@@ -28,10 +33,39 @@ def set_gemm_attention(enabled: bool) -> None:
 
 def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``block(x)`` for a batch-first [B, L, width] input, the same values and gradients."""
+    if not _GEMM_ATTENTION and _is_plain(block):
+        return _sequence_first(block, x)
     if not (_GEMM_ATTENTION and torch.is_grad_enabled() and _is_plain(block)):
         return block(x)
     x = x + block.ls_1(_self_attention(block.attn, block.ln_1(x)))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def _sequence_first(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The block on x's [L, B, width] view, as a sequence-first MultiheadAttention runs it."""
+    x = x.transpose(0, 1)
+    h = block.ln_1(x)
+    attn = block.attn
+    out = F.multi_head_attention_forward(
+        h,
+        h,
+        h,
+        attn.embed_dim,
+        attn.num_heads,
+        attn.in_proj_weight,
+        attn.in_proj_bias,
+        None,
+        None,
+        False,
+        attn.dropout,
+        attn.out_proj.weight,
+        attn.out_proj.bias,
+        training=attn.training,
+        need_weights=False,
+    )[0]
+    x = x + block.ls_1(out)
+    x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x.transpose(0, 1)
 
 
 def _self_attention(attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
