@@ -12,6 +12,7 @@ Two views of one step after one warm-up:
     python benchmarks/profile_step.py                                   # galip's default levers, B=8, ViT-B/32
     python benchmarks/profile_step.py --ops --levers none               # the reproduction of the official step
     python benchmarks/profile_step.py --levers default,cached_text --batch 8 --geometry tiny
+    python benchmarks/profile_step.py --official-code /tmp/GALIP       # the official code's step: FLOPs, time
 
 ``--phases`` needs ``module_step`` among the levers (it runs the module's pieces). In one process huge pages
 follow the environment (`import galip` sets THP_MEM_ALLOC_ENABLE=1 unless it is set), not ``--levers``.
@@ -161,6 +162,29 @@ def phases(module, batch: dict, steps: int) -> str:
     return "\n".join(rows)
 
 
+def official(checkout: str, batch_size: int, steps: int) -> str:
+    """FLOPs and wall time of the official code's own step (`official_code.OfficialRun`), no phases."""
+    import official_code
+
+    run = official_code.OfficialRun(checkout)
+    step = run.step_fn(run.batch([speed.CAPTIONS[i % len(speed.CAPTIONS)] for i in range(batch_size)]))
+    counter = FlopCount()
+    with counter:
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds, flops = sorted(times)[len(times) // 2], sum(counter.flops.values()) / 1e9
+    peak = sgemm_gflops()
+    return (
+        f"official code ({official_code.revision(checkout)}), batch {batch_size}, threads {torch.get_num_threads()}: "
+        f"one D+G step {seconds:.3f} s (median of {steps}), {flops:.1f} GFLOP, {flops / seconds:.0f} GFLOP/s "
+        f"= {flops / seconds / peak:.0%} of sgemm 2048³ ({peak:.0f} GFLOP/s)"
+    )
+
+
 def ops(step, rows: int) -> str:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
@@ -180,9 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="--phases: timed steps (median per phase)")
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--official-code", default=None, metavar="PATH", help="a tobran/GALIP checkout: its own step"
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.official_code:
+        print(official(args.official_code, args.batch, args.steps))
+        return
     parts = args.levers.split(",")
     levers = speed.parse_levers(parts[0]) + speed.parse_levers(",".join(parts[1:]) or "none")
     if not args.ops and "module_step" not in levers:

@@ -107,7 +107,7 @@ class ImageDecoder(nn.Module):
         x = self.stem(seed)
         for block in self.blocks:
             x = block(x, cond)
-        x = F.leaky_relu(x, 0.2)
+        x = F.leaky_relu_(x, 0.2)  # in place on the last block's fresh sum, as the official code's to_rgb
         if self.rgb_channels_last and not x.is_contiguous(memory_format=torch.channels_last):
             return self.to_rgb(x.contiguous(memory_format=torch.channels_last)).contiguous()
         return self.to_rgb(x)

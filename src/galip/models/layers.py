@@ -151,9 +151,11 @@ class DFBlock(nn.Module):
         self.fused = fused
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | Conditioning) -> torch.Tensor:
-        if not self.fused:
-            x = F.leaky_relu(self.affine0(x, y), LEAKY_SLOPE)
-            return F.leaky_relu(self.affine1(x, y), LEAKY_SLOPE)
+        if (
+            not self.fused
+        ):  # in place on each affine's fresh output, as the official code's LeakyReLU(inplace=True)
+            x = F.leaky_relu_(self.affine0(x, y), LEAKY_SLOPE)
+            return F.leaky_relu_(self.affine1(x, y), LEAKY_SLOPE)
         (g0, b0), (g1, b1) = self.affine0.scale_shift(y), self.affine1.scale_shift(y)
         return _DeepFusion.apply(x, *(t.to(x.dtype) for t in (g0, b0, g1, b1)))
 
