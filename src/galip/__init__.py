@@ -17,7 +17,7 @@ def keep_freed_memory() -> bool:
     By default glibc serves each allocation above 32 MB with a fresh mmap and unmaps it on free, so every
     training step faults in (and the kernel zeroes) all its large feature maps again. With mmap off and
     trimming off, a step reuses the pages of the step before: the same arithmetic, no faults after the first
-    step (G forward + backward at the paper's geometry, 1 thread: 16.8 s -> 12.5 s; experiments/benchmarks.md).
+    step (a D+G step at the paper's geometry, B=8, 2 threads: 13.2 s -> 10.5 s; experiments/benchmarks.md).
     The process's memory then stays at its peak. Returns whether it was applied (glibc on Linux only).
     """
     import ctypes
