@@ -6,8 +6,12 @@ Each experiment times the ViT-B/32 geometry's convs at B=8, fp32, in isolation (
     python benchmarks/conv_alternatives.py mixed       # forward in channels_last, backward in NCHW (one op)
     python benchmarks/conv_alternatives.py phase_fold  # the 128→224 block's resize + 3×3 conv as 7×7 phases
     python benchmarks/conv_alternatives.py d_gemm      # D's 3×3 convs on 7×7 maps as unfold + one GEMM
+    python benchmarks/conv_alternatives.py rates       # GFLOP/s of each decoder conv, fwd and bwd, against sgemm
+    python benchmarks/conv_alternatives.py winograd    # Winograd F(2×2,3×3) with its transforms in PyTorch ops
+    python benchmarks/conv_alternatives.py nnpack      # NNPACK's conv forward (torch's private op) against oneDNN
 
-Results and the conclusions drawn from them: experiments/benchmarks.md (2026-12-02, "tried, not kept").
+Results and the conclusions drawn from them: experiments/benchmarks.md ("tried, not kept"; 2026-12-02 and
+2026-12-06).
 """
 
 from __future__ import annotations
@@ -210,7 +214,115 @@ def d_gemm() -> None:
             )
 
 
-EXPERIMENTS = {"layouts": layouts, "mixed": mixed, "phase_fold": phase_fold, "d_gemm": d_gemm}
+def conv_flops(c_in: int, c_out: int, size: int, kind: str) -> float:
+    """Multiply-adds × 2 of one forward: 9 taps per output pixel, or 16 per input pixel (the folded tconv)."""
+    return 2.0 * B * c_in * c_out * size * size * (9 if kind == "conv" else 16)
+
+
+def sgemm_rate(n: int = 2048) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / median_time(lambda: a @ b, 5) / 1e9
+
+
+def rates() -> None:
+    """How close each of G's decoder convs runs to the CPU's peak, forward and backward (default layout)."""
+    print(f"sgemm 2048³: {sgemm_rate():.0f} GFLOP/s on {torch.get_num_threads()} threads")
+    total_s = total_f = 0.0
+    for name, c_in, c_out, size, kind in DECODER:
+        x, w, b = decoder_operands(c_in, c_out, size, kind)
+        with torch.no_grad():
+            fwd = median_time(lambda: conv(x, w, b, kind))  # noqa: B023
+        y = conv(x, w, b, kind)
+        g = torch.randn_like(y)
+        bwd = median_time(lambda: torch.autograd.grad(y, (x, w, b), g, retain_graph=True))  # noqa: B023
+        f = conv_flops(c_in, c_out, size, kind) / 1e9
+        total_s, total_f = total_s + fwd + bwd, total_f + 3 * f
+        print(
+            f"{name:38s} fwd {fwd:.3f} s {f / fwd:4.0f} GFLOP/s  bwd {bwd:.3f} s {2 * f / bwd:4.0f} GFLOP/s"
+        )
+    print(
+        f"all decoder convs, fwd+bwd: {total_s:.2f} s, {total_f:.0f} GFLOP, {total_f / total_s:.0f} GFLOP/s"
+    )
+
+
+_WINOGRAD_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]])
+
+
+def _winograd_input_1d(d: torch.Tensor, dim: int, tiles: int) -> torch.Tensor:
+    """Bᵀ of F(2,3) along ``dim``: 4-wide windows at stride 2 -> (d0-d2, d1+d2, d2-d1, d1-d3), stacked first."""
+    d0, d1, d2, d3 = (d.narrow(dim, k, 2 * tiles - 1).unfold(dim, 1, 2).squeeze(-1) for k in range(4))
+    return torch.stack((d0 - d2, d1 + d2, d2 - d1, d1 - d3))
+
+
+def winograd_conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """conv2d(x, w, padding=1) for a 3×3 ``w`` as Winograd F(2×2,3×3): 16 multiplies per 2×2 outputs instead
+    of 36, as 16 GEMMs over channels; transforms in plain PyTorch ops, so autograd (and MAGP's double
+    backward) goes through it."""
+    n, c, h, width = x.shape
+    th, tw = (h + 1) // 2, (width + 1) // 2
+    xp = F.pad(x, (1, 2 * tw - width + 1, 1, 2 * th - h + 1)).permute(0, 2, 3, 1)  # [n, 2th+2, 2tw+2, c]
+    u = _winograd_input_1d(_winograd_input_1d(xp, 1, th), 3, tw)  # [4, 4, n, th, tw, c]
+    g = _WINOGRAD_G.to(w)
+    v = torch.einsum("ai,ocij,bj->baco", g, w, g).reshape(16, c, -1)
+    m = torch.bmm(u.reshape(16, n * th * tw, c), v).view(4, 4, n, th, tw, -1)
+    o = torch.stack((m[:, 0] + m[:, 1] + m[:, 2], m[:, 1] - m[:, 2] - m[:, 3]), 1)  # Aᵀ along rows
+    o = torch.stack((o[0] + o[1] + o[2], o[1] - o[2] - o[3]))  # and along columns: [2, 2, n, th, tw, c_out]
+    return o.permute(2, 3, 1, 4, 0, 5).reshape(n, 2 * th, 2 * tw, -1)[:, :h, :width].permute(0, 3, 1, 2)
+
+
+def winograd() -> None:
+    x64, w64 = torch.randn(2, 5, 7, 8, dtype=torch.double), torch.randn(3, 5, 3, 3, dtype=torch.double)
+    err = (winograd_conv(x64, w64) - F.conv2d(x64, w64, padding=1)).abs().max().item()
+    print(f"float64 check: max |Δ| {err:.1e}")
+    shapes = [
+        (name, c_in, c_out, size, CL if size <= 8 else torch.contiguous_format)
+        for name, c_in, c_out, size, kind in DECODER
+        if kind == "conv"
+    ]
+    shapes += [("D 768@7 (B=8)", 768, 768, 7, CL), ("D 768→512 @7", 768, 512, 7, CL)]
+    for name, c_in, c_out, size, fmt in shapes:
+        x, w, _ = decoder_operands(c_in, c_out, size, "conv", fmt)
+        row = []
+        for fn in (lambda: F.conv2d(x, w, padding=1), lambda: winograd_conv(x, w)):  # noqa: B023
+
+            def fwd_bwd(fn=fn):
+                torch.autograd.grad(fn(), (x, w), torch.ones(B, c_out, size, size))  # noqa: B023
+
+            row.append(median_time(fwd_bwd))
+        err = (F.conv2d(x, w, padding=1) - winograd_conv(x, w)).abs().max().item()
+        print(f"{name:38s} fwd+bwd direct {row[0]:.3f} s  winograd {row[1]:.3f} s  |Δ| {err:.1e}", flush=True)
+
+
+def nnpack() -> None:
+    """NNPACK's convs (torch's private op, forward only; it fails until `_nnpack_available` initialises it)."""
+    print(f"NNPACK available: {torch._nnpack_available()}")
+    for name, c_in, c_out, size, kind in DECODER:
+        if kind != "conv":
+            continue
+        x, w, b = (t.detach() for t in decoder_operands(c_in, c_out, size, kind))
+        exact = F.conv2d(x.double(), w.double(), b.double(), padding=1)
+        row = []
+        for fn in (
+            lambda: F.conv2d(x, w, b, padding=1),  # noqa: B023
+            lambda: torch._nnpack_spatial_convolution(x, w, b, (1, 1)),  # noqa: B023
+        ):
+            row.append((median_time(fn), fn()))
+        (t_dnn, y_dnn), (t_nnp, y_nnp) = row
+        err_dnn, err_nnp = ((y.double() - exact).abs().max().item() for y in (y_dnn, y_nnp))
+        print(
+            f"{name:38s} fwd oneDNN {t_dnn:.3f} s  NNPACK {t_nnp:.3f} s  |Δ| vs float64 {err_dnn:.1e} / {err_nnp:.1e}"
+        )
+
+
+EXPERIMENTS = {
+    "layouts": layouts,
+    "mixed": mixed,
+    "phase_fold": phase_fold,
+    "d_gemm": d_gemm,
+    "rates": rates,
+    "winograd": winograd,
+    "nnpack": nnpack,
+}
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
