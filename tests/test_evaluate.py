@@ -324,6 +324,38 @@ def test_evaluate_end_to_end_on_the_embedded_world(trained_run):
     assert "(the CLIP G was trained against: partly optimised)" in proc.stdout  # the world's CLIP is G's
 
 
+def test_evaluate_judges_the_images_g_draws_in_bf16(trained_run, capsys):
+    """``precision=bf16`` evaluates what ``galip.sample precision=bf16`` draws: the sampler runs in bf16, the
+    report and the results JSON say so, and the numbers are those of other images than fp32's."""
+    from galip.config import compose
+    from galip.evaluate import evaluate
+
+    results = {}
+    for precision in ("fp32", "bf16"):
+        cfg = compose(
+            "evaluate",
+            [
+                f"ckpt={trained_run / 'generator.safetensors'}",
+                "data=shapes",
+                "data.n_val=16",
+                "n_samples=16",
+                "batch_size=16",
+                "metrics.clipsim.enabled=false",
+                f"precision={precision}",
+                f"out={trained_run / f'eval_{precision}.json'}",
+            ],
+        )
+        results[precision] = evaluate(cfg)
+        head = next(
+            line for line in capsys.readouterr().out.splitlines() if line.startswith("galip.evaluate")
+        )
+        assert head.endswith("(seed 0, G in bf16)" if precision == "bf16" else "(seed 0)"), head
+    saved = json.loads((trained_run / "eval_bf16.json").read_text())
+    assert saved["precision"] == "bf16" and results["fp32"]["precision"] == "fp32"
+    assert saved["metrics"]["judge/n"] == 16
+    assert saved["metrics"]["judge/fd"] != results["fp32"]["metrics"]["judge/fd"]  # other pixels were judged
+
+
 def test_clipsim_is_labelled_g_s_clip_only_when_it_is(tiny_clip):
     from types import SimpleNamespace
 

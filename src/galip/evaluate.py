@@ -93,7 +93,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     check_data(cfg)
     chosen = evaluators(cfg)  # then missing Inception or CLIP weights stop before G is loaded
-    sampler = Sampler(load_generator(cfg.ckpt, cfg.get("run_config")), cfg.device)
+    sampler = Sampler(
+        load_generator(cfg.ckpt, cfg.get("run_config")), cfg.device, precision=cfg.get("precision", "fp32")
+    )
     total = sum(getattr(e, "n_samples", 0) for e in chosen.values()) or None  # N=30000 takes a while
     with tqdm(total=total, desc="generating", unit="img", file=sys.stderr) as bar:
         metrics = run_evaluators(chosen, subject(cfg, sampler, bar))
@@ -117,7 +119,9 @@ def clipsim_is_gs(chosen: Iterable[Any], g_clip: FrozenCLIP) -> bool:
 def report(cfg: DictConfig, metrics: dict[str, float], clipsim_of_g: bool = False) -> dict[str, Any]:
     """Print one line per metric, each with its N and reference, and write the results JSON."""
     where = f"{data_name(cfg)}/{cfg.split}"
-    lines = [f"galip.evaluate: {cfg.ckpt} on {where} (seed {cfg.seed})"]
+    precision = cfg.get("precision", "fp32")
+    drawn = "" if precision == "fp32" else f", G in {precision}"
+    lines = [f"galip.evaluate: {cfg.ckpt} on {where} (seed {cfg.seed}{drawn})"]
     reference = cfg.metrics.fid.get("reference") or f"the {where} images"
     if "fid" in metrics:
         n_real = "N unknown" if math.isnan(metrics["fid/n_real"]) else f"N={int(metrics['fid/n_real'])}"
@@ -144,6 +148,7 @@ def report(cfg: DictConfig, metrics: dict[str, float], clipsim_of_g: bool = Fals
         "data": data_name(cfg),
         "split": cfg.split,
         "seed": cfg.seed,
+        "precision": precision,
         "metrics": metrics,
         "protocol": OmegaConf.to_container(cfg.metrics, resolve=False),
     }
