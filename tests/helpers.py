@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import tarfile
@@ -211,3 +212,15 @@ def corrupt_shard(path: Path, n_good: int = 4) -> Path:
             add_member(tar, f"good{i}.jpg", jpeg((48, 40), (5, 5, 20, 20)))
             add_member(tar, f"good{i}.txt", f"good picture {i}".encode())
     return path
+
+
+def tensorboard_events(path: Path) -> list:
+    """Every event of a TensorBoard event file (TFRecord framing: length, crc, data, crc), in order."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, events, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        (length,) = struct.unpack("<Q", data[offset : offset + 8])
+        events.append(Event.FromString(data[offset + 12 : offset + 12 + length]))
+        offset += 12 + length + 4
+    return events

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 from PIL import Image
 
-from tests.helpers import run_train
+from tests.helpers import run_train, tensorboard_events
 
 
 def test_a_wandb_and_tensorboard_run_holds_the_grids_as_images(tmp_path):
@@ -40,13 +39,5 @@ def test_a_wandb_and_tensorboard_run_holds_the_grids_as_images(tmp_path):
 
 
 def summaries(path: Path) -> list:
-    """(step, summary value) of every event in a TensorBoard file (TFRecord framing: length, crc, data, crc)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    data, found, offset = path.read_bytes(), [], 0
-    while offset < len(data):
-        (length,) = struct.unpack("<Q", data[offset : offset + 8])
-        event = Event.FromString(data[offset + 12 : offset + 12 + length])
-        offset += 12 + length + 4
-        found += [(event.step, value) for value in event.summary.value]
-    return found
+    """(step, summary value) of every event in a TensorBoard file."""
+    return [(event.step, value) for event in tensorboard_events(path) for value in event.summary.value]

@@ -18,7 +18,7 @@ import galip
 from galip.atomic_io import AtomicCheckpointIO
 from galip.config import ConfigError
 from galip.train import train
-from tests.helpers import compose_config
+from tests.helpers import compose_config, tensorboard_events
 
 # 32 samples / batch 4 = 8 batches per epoch; the checkpoint every 0.012 kimg is batch 3 (optimizer step 6),
 # mid-epoch; 0.04 kimg = 10 batches (20 optimizer steps), so the resumed run also crosses into the next epoch.
@@ -219,6 +219,32 @@ def test_resume_in_place_appends_to_the_csv_and_replaces_rows_after_the_checkpoi
     assert [r["step"] for r in after] == [str(i) for i in range(8)]
     assert after[:4] == before, "the rows before the resume are kept as they were"
     assert float(after[4]["kimg"]) == pytest.approx(0.020) and after[4]["d/loss"] != ""
+
+
+def test_resume_tells_tensorboard_to_drop_what_was_logged_after_the_checkpoint(tmp_path, recwarn):
+    """The resumed run's event file opens with a purge at the first step it logs (4: the batches the
+    checkpoint has seen), so TensorBoard drops a killed run's events from there on instead of drawing those
+    steps twice; the resumed file then holds steps 4..7 only."""
+    out, args = tmp_path / "run", ["+experiment=smoke", "logger=tensorboard"]
+    train(compose_config(args, output_dir=out))
+    (first,) = (out / "tensorboard").glob("events.out.tfevents.*")
+    recwarn.clear()
+    train(compose_config([*args, "ckpt_path=last", "kimg=0.032"], output_dir=out))
+    assert not [
+        w for w in recwarn if "exists and is not empty" in str(w.message)
+    ]  # resuming in place is the point
+    (second,) = set((out / "tensorboard").glob("events.out.tfevents.*")) - {first}
+    events = tensorboard_events(second)
+    starts = [e.step for e in events if e.HasField("session_log") and e.session_log.status == 1]  # START
+    assert starts == [4]
+    logged = {e.step for e in events for v in e.summary.value if v.tag == "d/loss"}
+    assert logged == {4, 5, 6, 7}
+    assert {e.step for e in tensorboard_events(first) for v in e.summary.value if v.tag == "d/loss"} == {
+        0,
+        1,
+        2,
+        3,
+    }
 
 
 def test_resume_of_a_finished_run_says_how_to_train_on(smoke_run):

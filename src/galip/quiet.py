@@ -19,6 +19,13 @@ IGNORED_WARNINGS = (
     (r"You passed in a `val_dataloader` but have no `validation_step`", "evaluation runs in callbacks"),
     (r"You defined a `validation_step` but have no `val_dataloader`", "the tiny CLIP validates after fit"),
 )
+# Warnings that only a resume in the run's own directory makes irrelevant (`silence_resume_noise`)
+RESUME_WARNINGS = (
+    (
+        r"Checkpoint directory .* exists and is not empty",
+        "a resume in place continues the checkpoints that are there (a new run in an old directory still warns)",
+    ),
+)
 # (substring of a Lightning info line, why)
 IGNORED_LOG_LINES = (
     ("litlogger", "an advertisement every Trainer prints"),
@@ -44,3 +51,9 @@ def silence_library_noise() -> None:
         logger = logging.getLogger(name)
         if _FILTER not in logger.filters:
             logger.addFilter(_FILTER)
+
+
+def silence_resume_noise() -> None:
+    """Install the `RESUME_WARNINGS` filters; `galip.train` calls it when it resumes from a checkpoint."""
+    for pattern, _ in RESUME_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)

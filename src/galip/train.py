@@ -33,7 +33,7 @@ from galip.data.webdataset import quote_shard_patterns
 from galip.loading import build_module, read_checkpoint
 from galip.models import Generator
 from galip.module import GALIPModule, NonFiniteError
-from galip.quiet import silence_library_noise
+from galip.quiet import silence_library_noise, silence_resume_noise
 
 log = logging.getLogger("galip.train")
 
@@ -54,6 +54,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path is not None:
         resumed = read_resumable(ckpt_path, cfg)
         continue_wandb_run(cfg, resumed)
+        continue_tensorboard(cfg, resumed)
+        silence_resume_noise()
         for tmp in remove_stale_temporaries(Path(cfg.paths.output_dir) / "checkpoints"):
             log.info(f"removed {tmp.name}, a checkpoint a killed run left half-written")
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the run-length line
@@ -153,6 +155,20 @@ def continue_wandb_run(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> None:
     if run_id:
         with open_dict(cfg):
             wandb_cfg.id, wandb_cfg.resume = run_id, "allow"
+
+
+def continue_tensorboard(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> None:
+    """A resumed run's TensorBoard writer drops what the run logged after its checkpoint.
+
+    The resumed run writes a new event file in the same folder; steps a killed run had logged past the
+    checkpoint would otherwise be drawn twice. ``purge_step`` (the first step the resumed run logs: the
+    batches the checkpoint has seen) tells TensorBoard to discard the earlier events from that step on."""
+    tensorboard_cfg = (cfg.get("logger") or {}).get("tensorboard")
+    loops = checkpoint.get("loops") or {}
+    batches = loops.get("fit_loop", {}).get("epoch_loop.state_dict", {}).get("_batches_that_stepped")
+    if tensorboard_cfg is not None and batches is not None:
+        with open_dict(cfg):
+            tensorboard_cfg.purge_step = int(batches)
 
 
 def finish_wandb(failed: bool) -> None:
