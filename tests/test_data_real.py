@@ -313,6 +313,30 @@ def test_folder_cache_equals_fresh_vectors_and_reaches_the_batch(cub, tiny_clip,
     torch.testing.assert_close(batch["sent_emb"], fresh(tiny_clip, batch["caption"]), rtol=1e-5, atol=1e-6)
 
 
+def test_an_emptied_caption_file_is_left_out_of_the_cache_as_training_skips_it(
+    cub, tiny_clip, tokenizer, caplog
+):
+    """encode_text does what the loader does with a caption file that has no caption: leaves it out and says
+    so (one warning with the count), instead of stopping; training on the cache then skips and counts it."""
+    root, splits = cub
+    emptied = splits["train"][1]
+    (root / "text" / f"{emptied}.txt").write_text("\n \n")
+    dm = datamodule(tokenizer, "cub", root, batch_size=len(splits["train"]))
+    with caplog.at_level(logging.WARNING, logger="galip.data.paper_layout"):
+        train_cache, _ = dm.encode_sentences(tiny_clip)
+    table = SentenceTable.load(train_cache)
+    assert table.keys == [k for k in splits["train"] if k != emptied]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"cub train: 1 of {len(splits['train'])} caption files have no readable caption" in warning
+    assert emptied in warning
+
+    dm.trainer = fake_trainer(tiny_clip)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert emptied not in batch["key"] and batch["skipped"] == 1
+    torch.testing.assert_close(batch["sent_emb"], fresh(tiny_clip, batch["caption"]), rtol=1e-5, atol=1e-6)
+
+
 def test_another_clip_never_reads_the_cache_and_edited_captions_are_caught(cub, tiny_clip, tokenizer):
     from galip.clip import load_clip
 

@@ -294,7 +294,25 @@ class PaperLayoutDataModule(ResumableData, L.LightningDataModule):
         """Encode every caption of both splits with `clip` and write the caches; returns their paths."""
         paths = []
         for split, dataset in self.datasets.items():
-            captions = [dataset.captions(key) for key in dataset.keys]
-            table = SentenceTable.build(clip, dataset.keys, captions, batch_size)
+            keys, captions = readable_captions(dataset)
+            table = SentenceTable.build(clip, keys, captions, batch_size)
             paths.append(table.save(cache_path(self.sent_cache_dir, split, table.fingerprint)))
         return paths
+
+
+def readable_captions(dataset: PaperLayoutDataset) -> tuple[list[str], list[list[str]]]:
+    """(keys, captions) of the items whose caption file reads; the others are left out of the cache and
+    logged, as the loader skips and counts them in training (a key fixed later is then a stale-cache error)."""
+    keys, captions, unreadable = [], [], []
+    for key in dataset.keys:
+        try:
+            captions.append(dataset.captions(key))
+            keys.append(key)
+        except DECODE_ERRORS as err:
+            unreadable.append(str(err))
+    if unreadable:
+        log.warning(
+            f"{dataset.layout.dataset} {dataset.split}: {len(unreadable)} of {len(dataset.keys)} caption files "
+            f"have no readable caption, left out of the cache (training skips them too); first: {unreadable[0]}"
+        )
+    return keys, captions
