@@ -163,12 +163,12 @@ def continue_tensorboard(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> None
     The resumed run writes a new event file in the same folder; steps a killed run had logged past the
     checkpoint would otherwise be drawn twice. ``purge_step`` (the first step the resumed run logs: the
     batches the checkpoint has seen) tells TensorBoard to discard the earlier events from that step on."""
-    tensorboard_cfg = (cfg.get("logger") or {}).get("tensorboard")
     loops = checkpoint.get("loops") or {}
     batches = loops.get("fit_loop", {}).get("epoch_loop.state_dict", {}).get("_batches_that_stepped")
-    if tensorboard_cfg is not None and batches is not None:
-        with open_dict(cfg):
-            tensorboard_cfg.purge_step = int(batches)
+    for logger_cfg in (cfg.get("logger") or {}).values():
+        if batches is not None and str(logger_cfg.get("_target_", "")).endswith("TensorBoardLogger"):
+            with open_dict(cfg):
+                logger_cfg.purge_step = int(batches)
 
 
 def finish_wandb(failed: bool) -> None:
