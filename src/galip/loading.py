@@ -110,11 +110,15 @@ def read_checkpoint(path: str | Path, mmap: bool = False) -> Mapping[str, Any]:
     """A training checkpoint galip wrote, whole; ``ValueError`` in one line for a file that is not one (another
     program's, truncated, or not a checkpoint at all)."""
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False, mmap=mmap)  # our run's file
+        # our runs' own files, so not weights_only
+        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, … for a bad file
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {str(err)[:80]})") from err
-    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint or "galip_version" not in checkpoint:
-        raise ValueError(f"{path} is not a galip training checkpoint (a Lightning .ckpt written by galip.train)")
+        cause = f"{type(err).__name__}: {str(err)[:80]}"
+        raise ValueError(f"{path} is not a readable checkpoint ({cause})") from err
+    if not isinstance(checkpoint, Mapping) or not {"state_dict", "galip_version"} <= checkpoint.keys():
+        raise ValueError(
+            f"{path} is not a galip training checkpoint (a Lightning .ckpt written by galip.train)"
+        )
     return checkpoint
 
 

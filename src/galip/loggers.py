@@ -41,7 +41,8 @@ def _step(row: dict[str, Any]) -> float:
     try:
         return float(row.get("step") or "nan")
     except ValueError:
-        return float("nan")  # unreadable: compares False, so the row is dropped with the rows it may belong to
+        # unreadable: compares False, so the row is dropped with the rows it may belong to
+        return float("nan")
 
 
 class CSVLogger(LightningCSVLogger):

@@ -43,7 +43,8 @@ class RunProgressBar(TQDMProgressBar):
         return Tqdm(
             desc=self._description(self.trainer.lightning_module),
             total=run_batches(self.trainer),
-            initial=self.trainer.global_step // 2,  # a resumed run's batches so far (two optimizer steps each)
+            # a resumed run's batches so far (two optimizer steps each)
+            initial=self.trainer.global_step // 2,
             position=2 * self.process_position,
             disable=self.is_disabled,
             leave=True,
