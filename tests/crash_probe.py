@@ -1,4 +1,5 @@
-"""A callback for the crash test (tests/test_crash_resume.py): it stalls one checkpoint save half-written.
+"""Callbacks for the crash tests: `StallSave` stalls one checkpoint save half-written (tests/test_crash_resume.py);
+`TermAt` sends the run's own process SIGTERM at a given batch (tests/test_sigterm.py).
 
 Added to a run with ``+callbacks.crash._target_=crash_probe.StallSave +callbacks.crash.at_save=N`` (``tests/`` on
 PYTHONPATH). The N-th atomic write (`galip.atomic_io.atomic_path`) of this process writes its temporary file,
@@ -10,6 +11,7 @@ lies beside the checkpoints, exactly as a kill in the middle of ``torch.save`` l
 from __future__ import annotations
 
 import os
+import signal
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import lightning as L
 
 from galip import atomic_io
+from galip.callbacks.schedule import batches_done
 
 
 class StallSave(L.Callback):
@@ -40,3 +43,15 @@ class StallSave(L.Callback):
                     time.sleep(self.seconds)
 
         return wrapped
+
+
+class TermAt(L.Callback):
+    """SIGTERM to this process as batch ``at_batch`` (1-based) starts, as a cluster's preemption would send it
+    while that batch runs (``+callbacks.term._target_=crash_probe.TermAt +callbacks.term.at_batch=N``)."""
+
+    def __init__(self, at_batch: int):
+        self.at_batch = at_batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
+        if batches_done(trainer) == self.at_batch:  # it counts the batch that starts
+            os.kill(os.getpid(), signal.SIGTERM)

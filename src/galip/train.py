@@ -15,10 +15,12 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from galip.atomic_io import remove_stale_temporaries
-from galip.callbacks.schedule import set_run_length
+from galip.callbacks.checkpoint import Checkpoint
+from galip.callbacks.schedule import batches_done, kimg_seen, set_run_length
 from galip.checkpoints import export_generator
 from galip.clip import FrozenCLIP
 from galip.config import (
@@ -36,6 +38,7 @@ from galip.module import GALIPModule, NonFiniteError
 from galip.quiet import silence_library_noise, silence_resume_noise
 
 log = logging.getLogger("galip.train")
+TERMINATED_STATUS = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -73,6 +76,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     try:
         log_hyperparameters(cfg, module, trainer)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException:  # Lightning ends fit with a SystemExit whose status is 0: say it, and fail
+        raise Terminated(terminated_message(cfg, trainer, callbacks)) from None
     finally:
         finish_wandb(failed=sys.exc_info()[0] is not None)
     # Only GALIP's Generator can be rebuilt from an export (the CNN baseline of Table 3 cannot).
@@ -171,6 +176,22 @@ def continue_tensorboard(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> None
                 logger_cfg.purge_step = int(batches)
 
 
+class Terminated(Exception):
+    """The run was stopped by SIGTERM; the message says where it stopped and how to resume."""
+
+
+def terminated_message(cfg: DictConfig, trainer: L.Trainer, callbacks: list[Any]) -> str:
+    seen = kimg_seen(trainer.lightning_module)
+    where = f"stopped by SIGTERM after {batches_done(trainer)} batches ({seen:g} of {cfg.get('kimg')} kimg)"
+    ckpt = next((cb for cb in callbacks if isinstance(cb, Checkpoint)), None)
+    if ckpt is None or not ckpt.last_model_path:
+        return f"{where}; no checkpoint was written"
+    return (
+        f"{where}; {ckpt.last_model_path} holds the last saved point: resume with the run's overrides and "
+        f"hydra.run.dir={cfg.paths.output_dir} ckpt_path=last"
+    )
+
+
 def finish_wandb(failed: bool) -> None:
     """Close the W&B run even when training crashed, so the next job of a sweep starts a clean run."""
     wandb = sys.modules.get("wandb")
@@ -213,6 +234,9 @@ def main(cfg: DictConfig) -> float | None:
     except NonFiniteError as err:
         print(f"galip: {err}", file=sys.stderr)
         sys.exit(3)
+    except Terminated as err:
+        print(f"galip: {err}", file=sys.stderr)
+        sys.exit(TERMINATED_STATUS)
     except Exception as err:  # a dataset that is not there: one line naming the path, not a traceback
         if (missing := missing_data_cause(err)) is None:
             raise

@@ -1,5 +1,5 @@
 """Lightning's ModelCheckpoint, saving every N kimg, plus a final ``last.ckpt`` when training stops between
-save points."""
+save points or is stopped by SIGTERM."""
 
 from __future__ import annotations
 
@@ -30,12 +30,13 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if not kimg_due(trainer, pl_module, batch, self.every_n_kimg) or self._should_skip_saving_checkpoint(
-            trainer
-        ):
+        due = kimg_due(trainer, pl_module, batch, self.every_n_kimg)
+        stopping = stopping_for_sigterm(trainer)
+        if not (due or stopping) or self._should_skip_saving_checkpoint(trainer):
             return
         candidates = self._monitor_candidates(trainer)
-        self._save_topk_checkpoint(trainer, candidates)
+        if due:
+            self._save_topk_checkpoint(trainer, candidates)
         self._save_last_checkpoint(trainer, candidates)
 
     def _monitor_candidates(self, trainer: L.Trainer) -> dict[str, Any]:
@@ -53,3 +54,12 @@ class Checkpoint(ModelCheckpoint):
             trainer.save_checkpoint(path, weights_only=False)
             self.last_model_path = str(path)
             self._last_global_step_saved = trainer.global_step
+
+
+def stopping_for_sigterm(trainer: L.Trainer) -> bool:
+    """Whether Lightning will stop the run after this batch because the process got SIGTERM (a cluster's
+    preemption, ``kill``, a job's time limit): then ``last.ckpt`` is written at this batch's end, like any
+    periodic checkpoint, so a resume loses nothing. One process only: with several, the ranks could disagree
+    about the signal at this point, and a save they do not all enter would hang (the last periodic checkpoint
+    is what a resume has there)."""
+    return trainer.received_sigterm and trainer.world_size == 1

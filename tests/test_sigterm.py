@@ -1,0 +1,44 @@
+"""SIGTERM mid-run (a cluster's preemption, ``kill``, a job's time limit), in separate processes: the run writes
+``last.ckpt`` at the end of the batch the signal came in, says so in one line and exits with 143 (Lightning
+alone ends the fit silently with status 0); resumed with ``ckpt_path=last`` it ends bit-equal to an
+uninterrupted run."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_crash_resume import assert_same_training_state, finish, load, start
+
+TERM_AT = ("+callbacks.term._target_=crash_probe.TermAt", "+callbacks.term.at_batch=3")
+
+
+@pytest.fixture(scope="module")
+def terminated(tmp_path_factory):
+    """(uninterrupted run dir, terminated-and-resumed run dir, exit status, console, last.ckpt at the stop)."""
+    root = tmp_path_factory.mktemp("sigterm")
+    full, run = root / "full", root / "term"
+    reference = start(full, "+callbacks.crash.at_save=0")  # in parallel: 2 cores
+    status = start(run, "+callbacks.crash.at_save=0", *TERM_AT).wait(timeout=300)
+    console = (root / "term.log").read_text()
+    at_stop = load(run / "checkpoints" / "last.ckpt")
+    finish(start(run, "ckpt_path=last", "+callbacks.crash.at_save=0"), run)
+    finish(reference, full)
+    return full, run, status, console, at_stop
+
+
+def test_sigterm_saves_the_batch_it_came_in_says_so_and_exits_143(terminated):
+    _, run, status, console, at_stop = terminated
+    assert status == 143, console[-3000:]
+    # batch 3 of 4 images: the checkpoint every 2 batches was at batch 2; last.ckpt is at batch 3
+    assert at_stop["images_seen"] == 12 and at_stop["global_step"] == 6
+    lines = [line for line in console.splitlines() if line.startswith("galip: ")]
+    assert len(lines) == 1, console[-3000:]
+    assert lines[0].startswith("galip: stopped by SIGTERM after 3 batches (0.012 of 0.032 kimg); ")
+    assert f"hydra.run.dir={run} ckpt_path=last" in lines[0] and "Traceback" not in console
+
+
+def test_the_run_resumed_after_sigterm_ends_bit_equal_to_the_uninterrupted_run(terminated):
+    full, run, *_ = terminated
+    assert_same_training_state(
+        load(full / "checkpoints" / "last.ckpt"), load(run / "checkpoints" / "last.ckpt"), "end"
+    )
