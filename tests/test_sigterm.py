@@ -5,8 +5,17 @@ uninterrupted run."""
 
 from __future__ import annotations
 
-import pytest
+import os
+import signal
+import time
+from functools import partial
+from pathlib import Path
 
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from galip.data.batch import Loader
 from tests.test_crash_resume import assert_same_training_state, finish, load, start
 
 TERM_AT = ("+callbacks.term._target_=crash_probe.TermAt", "+callbacks.term.at_batch=3")
@@ -42,3 +51,36 @@ def test_the_run_resumed_after_sigterm_ends_bit_equal_to_the_uninterrupted_run(t
     assert_same_training_state(
         load(full / "checkpoints" / "last.ckpt"), load(run / "checkpoints" / "last.ckpt"), "end"
     )
+
+
+class SlowRange(Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> int:
+        time.sleep(0.05)  # the workers are still busy when the signal comes
+        return index
+
+
+def mark_started(folder: Path, worker_id: int) -> None:
+    (folder / str(worker_id)).touch()
+
+
+@pytest.mark.parametrize("loader_class", [Loader, DataLoader])
+def test_the_loaders_workers_live_through_a_sigterm_to_the_job(tmp_path, loader_class):
+    """A signal to the whole job reaches the loader's workers too: galip's loader's workers ignore it (and still
+    run the worker_init_fn they were given: Lightning's seeding); a plain DataLoader's die, and PyTorch raises
+    in the main process, which is what stopped a preempted run in the middle of its batch."""
+    loader = loader_class(
+        SlowRange(), batch_size=2, num_workers=2, worker_init_fn=partial(mark_started, tmp_path)
+    )
+    batches = iter(loader)
+    first = next(batches)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGTERM)
+    if loader_class is DataLoader:
+        with pytest.raises(RuntimeError, match="killed by signal: Terminated|exited unexpectedly"):
+            list(batches)
+        return
+    assert sorted(torch.cat([first, *batches]).tolist()) == list(range(8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["0", "1"]

@@ -15,13 +15,14 @@ batch, logged as ``data/skipped`` by `galip.callbacks.SkippedSamples`.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 Tokenizer = Callable[[list[str]], torch.Tensor]
 CONTEXT_LENGTH = 77
@@ -91,3 +92,31 @@ class Tokenized(Dataset):
         sample = dict(self.dataset[index])
         sample["tokens"] = tokenize_one(self.tokenizer, sample["caption"])
         return sample
+
+
+class Loader(DataLoader):
+    """``DataLoader`` whose worker processes ignore SIGTERM, so a signal sent to the whole job (a cluster's
+    preemption, ``kill -TERM -<pgid>``) stops the run at the end of its batch, with a checkpoint
+    (`galip.callbacks.Checkpoint`), instead of killing the workers, which makes PyTorch raise in the middle of
+    the batch. The workers still end when the loader shuts them down or when the main process is gone.
+
+    The ignoring is added to the loader's ``worker_init_fn`` as the workers start, after Lightning has set its
+    own (the per-worker seeding of ``seed_everything(workers=True)``), which then runs as before.
+    """
+
+    def _get_iterator(self):
+        if self.num_workers > 0 and not isinstance(self.worker_init_fn, IgnoringSigterm):
+            self.worker_init_fn = IgnoringSigterm(self.worker_init_fn)
+        return super()._get_iterator()
+
+
+class IgnoringSigterm:
+    """A ``worker_init_fn`` (picklable, so spawned workers get it too): ignore SIGTERM, then run ``init``."""
+
+    def __init__(self, init: Callable[[int], None] | None):
+        self.init = init
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.init is not None:
+            self.init(worker_id)

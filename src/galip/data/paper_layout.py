@@ -26,7 +26,7 @@ import lightning as L
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from galip.data.batch import Tokenizer, collate, tokenize_one
+from galip.data.batch import Loader, Tokenizer, collate, tokenize_one
 from galip.data.images import DECODE_ERRORS, decode_image
 from galip.data.resume import ResumableData
 from galip.data.sentences import SentenceTable, cache_path, load_table, training_clip_fingerprint
@@ -279,7 +279,7 @@ class PaperLayoutDataModule(ResumableData, L.LightningDataModule):
         return self._loader(self.datasets["test"], sampler=None, shuffle=False, drop_last=False)
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
-        return DataLoader(
+        return Loader(
             dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from galip.data.batch import collate
+from galip.data.batch import Loader, collate
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class ResumableData:
         """A loader over an in-memory (map-style) dataset: `train_sampler`'s resumable order for training,
         the dataset's order otherwise; uses the module's ``batch_size`` and ``num_workers``."""
         sampler = self.train_sampler(len(dataset), seed) if train else None
-        return DataLoader(
+        return Loader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train and sampler is None,

@@ -34,7 +34,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from galip.data.batch import Tokenizer, collate, pil_to_tensor, tensor_to_pil, tokenize_one
+from galip.data.batch import Loader, Tokenizer, collate, pil_to_tensor, tensor_to_pil, tokenize_one
 from galip.data.images import to_rgb
 from galip.data.sentences import encode_captions, sent_member, text_fingerprint
 from galip.data.transforms import bbox_crop, choose_caption, paper_transform, split_captions
@@ -370,7 +370,7 @@ def check_worker_count(n_shards: int, num_workers: int, world_size: int = 1) -> 
 
 def shard_loader(dataset: wds.WebDataset, batch_size: int, num_workers: int, drop_last: bool) -> DataLoader:
     """DataLoader over a shard pipeline; batching happens per worker, as for any IterableDataset."""
-    return DataLoader(
+    return Loader(
         dataset,
         batch_size=batch_size,
         num_workers=num_workers,
