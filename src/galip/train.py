@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -235,7 +236,8 @@ def main(cfg: DictConfig) -> float | None:
         print(f"galip: {err}", file=sys.stderr)
         sys.exit(3)
     except Terminated as err:
-        print(f"galip: {err}", file=sys.stderr)
+        if rank_zero_only.rank == 0:  # every rank stops; one says so
+            print(f"galip: {err}", file=sys.stderr)
         sys.exit(TERMINATED_STATUS)
     except Exception as err:  # a dataset that is not there: one line naming the path, not a traceback
         if (missing := missing_data_cause(err)) is None:
