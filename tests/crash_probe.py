@@ -1,5 +1,5 @@
 """Callbacks for the crash tests: `StallSave` stalls one checkpoint save half-written (tests/test_crash_resume.py);
-`TermAt` sends the run's own process SIGTERM at a given batch (tests/test_sigterm.py).
+`SignalAt` sends the run's own process SIGTERM or SIGINT at a given batch (tests/test_sigterm.py).
 
 Added to a run with ``+callbacks.crash._target_=crash_probe.StallSave +callbacks.crash.at_save=N`` (``tests/`` on
 PYTHONPATH). The N-th atomic write (`galip.atomic_io.atomic_path`) of this process writes its temporary file,
@@ -45,13 +45,16 @@ class StallSave(L.Callback):
         return wrapped
 
 
-class TermAt(L.Callback):
-    """SIGTERM to this process as batch ``at_batch`` (1-based) starts, as a cluster's preemption would send it
-    while that batch runs (``+callbacks.term._target_=crash_probe.TermAt +callbacks.term.at_batch=N``)."""
+class SignalAt(L.Callback):
+    """A signal to this process as batch ``at_batch`` (1-based) starts: SIGTERM, as a cluster's preemption sends
+    it while that batch runs, or SIGINT, as Ctrl+C does (``+callbacks.term._target_=crash_probe.SignalAt
+    +callbacks.term.at_batch=N [+callbacks.term.name=SIGINT]``)."""
 
-    def __init__(self, at_batch: int):
-        self.at_batch = at_batch
+    def __init__(self, at_batch: int, name: str = "SIGTERM"):
+        self.at_batch, self.signal = at_batch, getattr(signal, name)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx: int) -> None:
         if batches_done(trainer) == self.at_batch:  # it counts the batch that starts
-            os.kill(os.getpid(), signal.SIGTERM)
+            if self.signal == signal.SIGINT:  # as in a terminal, whatever the test runner's own setting
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.kill(os.getpid(), self.signal)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from galip.data.batch import Loader
 from tests.test_crash_resume import assert_same_training_state, finish, load, start
 
-TERM_AT = ("+callbacks.term._target_=crash_probe.TermAt", "+callbacks.term.at_batch=3")
+TERM_AT = ("+callbacks.term._target_=crash_probe.SignalAt", "+callbacks.term.at_batch=3")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,25 @@ def test_the_run_resumed_after_sigterm_ends_bit_equal_to_the_uninterrupted_run(t
     assert_same_training_state(
         load(full / "checkpoints" / "last.ckpt"), load(run / "checkpoints" / "last.ckpt"), "end"
     )
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(tmp_path):
+    """Ctrl+C lands in the middle of a batch, so nothing is saved then (Lightning stops at once): the line names
+    the last saved point, and the status is 130 (128 + SIGINT) instead of Lightning's 1."""
+    run = tmp_path / "run"
+    run.mkdir()
+    status = start(run, "+callbacks.crash.at_save=0", *TERM_AT, "+callbacks.term.name=SIGINT").wait(
+        timeout=300
+    )
+    console = (tmp_path / "run.log").read_text()
+    assert status == 130, console[-3000:]
+    lines = [line for line in console.splitlines() if line.startswith("galip: ")]
+    assert lines == [
+        "galip: stopped by Ctrl+C after 2 batches (0.008 of 0.032 kimg); "
+        f"{run / 'checkpoints' / 'last.ckpt'} holds the last saved point: resume with the run's overrides and "
+        f"hydra.run.dir={run} ckpt_path=last"
+    ], console[-3000:]
+    assert load(run / "checkpoints" / "last.ckpt")["images_seen"] == 8 and "Traceback" not in console
 
 
 class SlowRange(Dataset):

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from galip.atomic_io import remove_stale_temporaries
 from galip.callbacks.checkpoint import Checkpoint
-from galip.callbacks.schedule import batches_done, kimg_seen, set_run_length
+from galip.callbacks.schedule import kimg_seen, set_run_length
 from galip.checkpoints import export_generator
 from galip.clip import FrozenCLIP
 from galip.config import (
@@ -39,7 +39,8 @@ from galip.module import GALIPModule, NonFiniteError
 from galip.quiet import silence_library_noise, silence_resume_noise
 
 log = logging.getLogger("galip.train")
-TERMINATED_STATUS = 143  # 128 + SIGTERM, as a shell reports a process the signal ended
+# Exit statuses of a run stopped by a signal, as a shell reports a process the signal ended (128 + signal)
+STOPPED_STATUS = {"SIGTERM": 143, "Ctrl+C": 130}
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -78,7 +79,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log_hyperparameters(cfg, module, trainer)
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException:  # Lightning ends fit with a SystemExit whose status is 0: say it, and fail
-        raise Terminated(terminated_message(cfg, trainer, callbacks)) from None
+        raise Stopped("SIGTERM", stopped_message("SIGTERM", cfg, trainer, callbacks)) from None
+    except SystemExit as err:
+        # Lightning's Ctrl+C handling says "Detected KeyboardInterrupt" and exits 1 from its except clause
+        if isinstance(err.__context__, KeyboardInterrupt):
+            raise Stopped("Ctrl+C", stopped_message("Ctrl+C", cfg, trainer, callbacks)) from None
+        raise
     finally:
         finish_wandb(failed=sys.exc_info()[0] is not None)
     # Only GALIP's Generator can be rebuilt from an export (the CNN baseline of Table 3 cannot).
@@ -177,13 +183,20 @@ def continue_tensorboard(cfg: DictConfig, checkpoint: Mapping[str, Any]) -> None
                 logger_cfg.purge_step = int(batches)
 
 
-class Terminated(Exception):
-    """The run was stopped by SIGTERM; the message says where it stopped and how to resume."""
+class Stopped(Exception):
+    """The run was stopped by a signal (``by``: SIGTERM or Ctrl+C); the message says where and how to resume."""
+
+    def __init__(self, by: str, message: str):
+        super().__init__(message)
+        self.by = by
 
 
-def terminated_message(cfg: DictConfig, trainer: L.Trainer, callbacks: list[Any]) -> str:
-    seen = kimg_seen(trainer.lightning_module)
-    where = f"stopped by SIGTERM after {batches_done(trainer)} batches ({seen:g} of {cfg.get('kimg')} kimg)"
+def stopped_message(by: str, cfg: DictConfig, trainer: L.Trainer, callbacks: list[Any]) -> str:
+    seen, done = (
+        kimg_seen(trainer.lightning_module),
+        trainer.fit_loop.epoch_loop.batch_progress.total.completed,
+    )
+    where = f"stopped by {by} after {done} batches ({seen:g} of {cfg.get('kimg')} kimg)"
     ckpt = next((cb for cb in callbacks if isinstance(cb, Checkpoint)), None)
     if ckpt is None or not ckpt.last_model_path:
         return f"{where}; no checkpoint was written"
@@ -235,10 +248,10 @@ def main(cfg: DictConfig) -> float | None:
     except NonFiniteError as err:
         print(f"galip: {err}", file=sys.stderr)
         sys.exit(3)
-    except Terminated as err:
+    except Stopped as err:
         if rank_zero_only.rank == 0:  # every rank stops; one says so
             print(f"galip: {err}", file=sys.stderr)
-        sys.exit(TERMINATED_STATUS)
+        sys.exit(STOPPED_STATUS[err.by])
     except Exception as err:  # a dataset that is not there: one line naming the path, not a traceback
         if (missing := missing_data_cause(err)) is None:
             raise
