@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from allocation import repeat_times
+from profile_step import sgemm_gflops
 
 import galip  # noqa: F401  (sets huge pages, as every galip run does)
 
@@ -219,14 +220,9 @@ def conv_flops(c_in: int, c_out: int, size: int, kind: str) -> float:
     return 2.0 * B * c_in * c_out * size * size * (9 if kind == "conv" else 16)
 
 
-def sgemm_rate(n: int = 2048) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    return 2 * n**3 / median_time(lambda: a @ b, 5) / 1e9
-
-
 def rates() -> None:
     """How close each of G's decoder convs runs to the CPU's peak, forward and backward (default layout)."""
-    print(f"sgemm 2048³: {sgemm_rate():.0f} GFLOP/s on {torch.get_num_threads()} threads")
+    print(f"sgemm 2048³: {sgemm_gflops():.0f} GFLOP/s on {torch.get_num_threads()} threads")
     total_s = total_f = 0.0
     for name, c_in, c_out, size, kind in DECODER:
         x, w, b = decoder_operands(c_in, c_out, size, kind)

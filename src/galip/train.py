@@ -15,12 +15,12 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from galip.atomic_io import remove_stale_temporaries
-from galip.callbacks.checkpoint import Checkpoint
 from galip.callbacks.schedule import kimg_seen, set_run_length
 from galip.checkpoints import export_generator
 from galip.clip import FrozenCLIP
@@ -197,13 +197,19 @@ def stopped_message(by: str, cfg: DictConfig, trainer: L.Trainer, callbacks: lis
         trainer.fit_loop.epoch_loop.batch_progress.total.completed,
     )
     where = f"stopped by {by} after {done} batches ({seen:g} of {cfg.get('kimg')} kimg)"
-    ckpt = next((cb for cb in callbacks if isinstance(cb, Checkpoint)), None)
-    if ckpt is None or not ckpt.last_model_path:
+    last = last_checkpoint(callbacks)
+    if last is None:
         return f"{where}; no checkpoint was written"
     return (
-        f"{where}; {ckpt.last_model_path} holds the last saved point: resume with the run's overrides and "
+        f"{where}; {last} holds the last saved point: resume with the run's overrides and "
         f"hydra.run.dir={cfg.paths.output_dir} ckpt_path=last"
     )
+
+
+def last_checkpoint(callbacks: list[Any]) -> str | None:
+    """The ``last.ckpt`` the run's checkpoint callback wrote, if it wrote one."""
+    ckpt = next((cb for cb in callbacks if isinstance(cb, ModelCheckpoint)), None)
+    return ckpt.last_model_path if ckpt is not None and ckpt.last_model_path else None
 
 
 def finish_wandb(failed: bool) -> None:
@@ -224,9 +230,8 @@ def report(cfg: DictConfig, trainer: L.Trainer, callbacks: list[Any]) -> None:
     """Tell the user where the run left its files."""
     out = Path(cfg.paths.output_dir)
     lines = [f"run directory: {out}"]
-    ckpt = next((cb for cb in callbacks if isinstance(cb, L.pytorch.callbacks.ModelCheckpoint)), None)
-    if ckpt is not None and ckpt.last_model_path:
-        lines.append(f"checkpoint:    {ckpt.last_model_path}")
+    if (last := last_checkpoint(callbacks)) is not None:
+        lines.append(f"checkpoint:    {last}")
     grids = [cb.last_path for cb in callbacks if getattr(cb, "last_path", None)]
     lines += [f"sample grid:   {p}" for p in grids]
     if (out / "generator.safetensors").is_file():
