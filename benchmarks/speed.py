@@ -82,6 +82,10 @@ LEVERS = {
     "one stride-2 transposed conv on the small map",
     "gemm_attention": "the frozen CLIP blocks that need gradients run their attention projections as one "
     "2-D matmul each (galip.clip.blocks), not nn.MultiheadAttention's broadcast bmm",
+    "onednn_linear": "the frozen CLIP blocks' projections (with and without gradients) as oneDNN GEMMs, not "
+    "F.linear's MKL sgemm (galip.clip.blocks.frozen_linear)",
+    "text_prefix": "the text tower run over the batch's tokens up to the last end-of-text token, not the "
+    "77-token context (its causal attention makes the rest padding; galip.clip.text)",
     "small_convs_channels_last": "D's convs (7x7 maps) and G's conv to RGB in channels_last (oneDNN's NCHW "
     "kernels are slow there)",
     "channels_last": "G's weights and activations in channels_last memory format",
@@ -102,10 +106,12 @@ DEFAULT_LEVERS = (
     "folded_upsample",
     "small_convs_channels_last",
     "gemm_attention",
+    "onednn_linear",
+    "text_prefix",
     "fused_adam",
 )
 LADDER = (*DEFAULT_LEVERS, "cached_text", "channels_last")
-STEP_ONLY = frozenset({"module_step", "cached_text", "fused_adam"})
+STEP_ONLY = frozenset({"module_step", "cached_text", "text_prefix", "fused_adam"})
 
 
 def parse_lever_sets(text: str) -> list[tuple[str, ...]]:
@@ -196,11 +202,14 @@ def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DE
             raise ValueError("--geometry demo runs the demo config as it is: --levers default only")
         return build_demo_module().to(device)
     from galip.clip import load_clip
-    from galip.clip.blocks import set_gemm_attention
+    from galip.clip.blocks import set_gemm_attention, set_onednn_linear
+    from galip.clip.text import set_text_prefix
     from galip.models import Discriminator, Generator
     from galip.module import ttur_adam
 
     set_gemm_attention("gemm_attention" in levers)  # process-wide: the row about to run
+    set_onednn_linear("onednn_linear" in levers)
+    set_text_prefix("text_prefix" in levers)
 
     spec = geometry_spec(geometry)
     clip = load_clip(**spec["clip"])  # no pretrained tag, no path: random weights, offline

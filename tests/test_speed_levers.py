@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 from benchmarks import speed
 
-from galip.clip.blocks import _is_plain, run_block, set_gemm_attention
+from galip.clip import blocks
+from galip.clip.blocks import _is_plain, frozen_linear, run_block, set_gemm_attention, set_onednn_linear
+from galip.clip.text import _causal_argmax_tower, sentence_vectors, set_text_prefix
 from galip.models import Discriminator, Generator
 from galip.models.generator import set_execution
 from galip.models.layers import (
@@ -39,10 +41,12 @@ SMALL_G = {"ngf": 8, "code_ch": 8, "mid_ch": 4, "n_fusion_blocks": 2, "prompt_bl
 
 
 @pytest.fixture(autouse=True)
-def _gemm_attention_back_on():
-    """speed.build_module sets the process-wide attention switch for its levers: leave it at the default."""
+def _clip_switches_back_on():
+    """speed.build_module sets the process-wide CLIP switches for its levers: leave them at the defaults."""
     yield
     set_gemm_attention(True)
+    set_onednn_linear(True)
+    set_text_prefix(True)
 
 
 def _randomise_affines(module: torch.nn.Module, std: float = 0.3) -> None:
@@ -426,14 +430,8 @@ def test_import_galip_keeps_freed_memory_unless_told_otherwise(env_value, kept):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "sequence_first"])
-def test_run_block_is_the_open_clip_block_in_values_and_gradients(tiny_clip, gemm):
-    set_gemm_attention(gemm)  # False: the official code's [L, B, width] layout (speed.py without the lever)
-    block = tiny_clip.visual.transformer.resblocks[1]
-    assert _is_plain(block)
-    torch.manual_seed(0)
-    x = torch.randn(3, 66, tiny_clip.geometry.width, requires_grad=True)  # 64 patches + CLS + a prompt
-    want, got = block(x), run_block(block, x)
+def _same_values_and_input_gradients(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Assert both outputs and their gradients to ``x`` agree; the upstream gradient used."""
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     upstream = torch.randn_like(want)
     torch.testing.assert_close(
@@ -442,6 +440,17 @@ def test_run_block_is_the_open_clip_block_in_values_and_gradients(tiny_clip, gem
         rtol=1e-5,
         atol=1e-5,
     )
+    return upstream
+
+
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "sequence_first"])
+def test_run_block_is_the_open_clip_block_in_values_and_gradients(tiny_clip, gemm):
+    set_gemm_attention(gemm)  # False: the official code's [L, B, width] layout (speed.py without the lever)
+    block = tiny_clip.visual.transformer.resblocks[1]
+    assert _is_plain(block)
+    torch.manual_seed(0)
+    x = torch.randn(3, 66, tiny_clip.geometry.width, requires_grad=True)  # 64 patches + CLS + a prompt
+    upstream = _same_values_and_input_gradients(run_block(block, x), block(x), x)
     # the block's own weights get the same gradient too (the CLIP is frozen in GALIP, not in this function)
     weight = block.attn.in_proj_weight
     weight.requires_grad_(True)
@@ -471,7 +480,10 @@ def test_run_block_can_be_switched_off(tiny_clip, monkeypatch):
     monkeypatch.setattr(block, "forward", lambda x: seen.append(x) or x)
     x = torch.randn(1, 65, tiny_clip.geometry.width, requires_grad=True)
     run_block(block, x)
+    with torch.no_grad():  # oneDNN's projections without autograd too
+        run_block(block, x)
     assert not seen  # the block's own forward is not called on the fast path
+    set_onednn_linear(False)
     with torch.no_grad():  # without autograd open_clip's block (and MultiheadAttention's fused path) runs
         assert run_block(block, x) is x and seen == [x]
     seen.clear()
@@ -483,6 +495,103 @@ def test_run_block_can_be_switched_off(tiny_clip, monkeypatch):
         assert not seen
     finally:
         set_gemm_attention(True)
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch):
+    """The rows each oneDNN GEMM of `frozen_linear` ran."""
+    calls = []
+    original = blocks._onednn_linear
+
+    def spy(x, weight, bias):
+        calls.append(x.shape)
+        return original(x, weight, bias)
+
+    monkeypatch.setattr(blocks, "_onednn_linear", spy)
+    return calls
+
+
+def test_frozen_linear_is_f_linear_in_values_gradients_and_double_backward(onednn_calls):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    weight, bias = torch.randn(24, 16), torch.randn(24)
+    upstream = torch.randn(2, 5, 24, requires_grad=True)
+    results = []
+    for linear in (F.linear, frozen_linear):
+        y = linear(x, weight, bias)
+        (dx,) = torch.autograd.grad(y, x, upstream, create_graph=True)
+        (ddx,) = torch.autograd.grad(dx.square().sum(), upstream)  # through the input gradient's own graph
+        results.append((y, dx, ddx))
+    # forward, the input gradient, and the double backward through the input gradient: all oneDNN's
+    assert [tuple(shape) for shape in onednn_calls] == [(2, 5, 16), (2, 5, 24), (2, 5, 16)]
+    for got, want in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_linear_is_f_linear_where_onednn_does_not_apply(onednn_calls):
+    x, weight = torch.randn(3, 8), torch.randn(4, 8)
+    torch.testing.assert_close(
+        frozen_linear(x.double(), weight.double(), None), F.linear(x.double(), weight.double())
+    )
+    trained = weight.clone().requires_grad_(True)  # a weight that takes a gradient: autograd's own linear
+    (grad,) = torch.autograd.grad(frozen_linear(x, trained, None).sum(), trained)
+    assert torch.equal(grad, torch.ones(4, 3) @ x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert frozen_linear(x, weight, None).dtype == torch.bfloat16  # autocast's bf16 GEMM, as F.linear
+    set_onednn_linear(False)
+    frozen_linear(x, weight, None)
+    assert onednn_calls == []
+
+
+@pytest.mark.parametrize("gemm", [True, False], ids=["gemm", "sequence_first"])
+def test_a_causal_block_is_the_text_towers_block_with_its_mask(tiny_clip, gemm):
+    set_gemm_attention(gemm)
+    block = tiny_clip.model.transformer.resblocks[0]
+    torch.manual_seed(0)
+    x = torch.randn(3, 9, tiny_clip.geometry.width, requires_grad=True)
+    mask = tiny_clip.model.attn_mask[:9, :9]
+    want = block(x, attn_mask=mask)
+    _same_values_and_input_gradients(run_block(block, x, causal=True), want, x)
+    with torch.no_grad():
+        torch.testing.assert_close(run_block(block, x, causal=True), want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(run_block(block, x), want, atol=1e-3)  # the mask matters
+
+
+def _tokens_read(model, tokens) -> tuple[torch.Tensor, int]:
+    """Sentence vectors, and how many tokens the tower's last LayerNorm saw per caption."""
+    seen = []
+    handle = model.ln_final.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[1]))
+    try:
+        return sentence_vectors(model, tokens), seen[0]
+    finally:
+        handle.remove()
+
+
+def test_the_text_tower_reads_the_captions_tokens_only_and_gives_open_clips_vectors(tiny_clip):
+    model = tiny_clip.model
+    tokens = tiny_clip.tokenize(
+        ["a cat", "a small bird with a red head and a short pointed beak", "a dog on grass"]
+    )
+    assert _causal_argmax_tower(model)
+    want = model.encode_text(tokens)
+    got, length = _tokens_read(model, tokens)
+    assert length == int(tokens.argmax(-1).max()) + 1 == 14  # the longest caption and its end token, not 77
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiny_clip.encode_text(tokens), want, rtol=1e-5, atol=1e-5)
+    set_text_prefix(False)  # the official code's pass: all 77
+    assert _tokens_read(model, tokens)[1] == 77
+
+
+def test_a_text_tower_pooled_otherwise_reads_the_whole_context(tiny_clip):
+    model = copy.deepcopy(tiny_clip.model)
+    tokens = tiny_clip.tokenize(["a cat"])
+    model.text_pool_type = "last"  # the last position's feature depends on every token: nothing may be cut
+    assert not _causal_argmax_tower(model)
+    got, length = _tokens_read(model, tokens)
+    assert length == 77 and torch.equal(got, model.encode_text(tokens))
+    model.text_pool_type = "argmax"
+    model.attn_mask = torch.zeros_like(model.attn_mask)  # attention that looks ahead: the padding matters
+    assert not _causal_argmax_tower(model)
 
 
 def test_every_block_of_the_papers_clip_takes_the_fast_path(vitb32_clip, tiny_clip, recwarn):

@@ -241,7 +241,8 @@ def test_checkpoint_loads_through_load_clip_with_the_trained_embeddings(short_ru
         text = module.model.encode_text(batch["tokens"])
         image = module.model.encode_image(module.pixels(batch["image"]))
         _, frozen_image = frozen.image_taps(batch["image"], [0])
-    torch.testing.assert_close(frozen.encode_text(batch["tokens"]), text, rtol=0, atol=0)
+    # FrozenCLIP's text pass reads the captions' tokens only, with oneDNN's GEMMs: summation order differs
+    torch.testing.assert_close(frozen.encode_text(batch["tokens"]), text, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(frozen_image, image, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(frozen.tokenize(batch["caption"]), batch["tokens"])
 

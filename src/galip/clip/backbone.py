@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from galip.clip import blocks, mapper, taps
+from galip.clip import blocks, mapper, taps, text
 
 # Keys of an OpenAI state dict that are metadata, not tensors of the model (open_clip rejects them).
 _OPENAI_META_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -328,7 +328,7 @@ class FrozenCLIP(nn.Module):
     @torch.no_grad()
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Sentence vectors [B, embed_dim]: projected EOT feature, not normalised (paper's ``s``)."""
-        return self.model.encode_text(tokens.to(self.mean.device), normalize=False).float()
+        return text.sentence_vectors(self.model, tokens.to(self.mean.device)).float()
 
     # -- image ----------------------------------------------------------------------------------
 
