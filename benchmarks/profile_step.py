@@ -50,6 +50,9 @@ PHASES = (
 )
 
 
+ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None)  # not in torch's flop registry
+
+
 class FlopCount(TorchDispatchMode):
     """FLOPs of every op torch's flop counter knows, booked to the current phase."""
 
@@ -63,6 +66,10 @@ class FlopCount(TorchDispatchMode):
         count = flop_registry.get(func._overloadpacket)
         if count is not None:
             self.flops[self.phase] += count(*args, **kwargs, out_val=out)
+        elif (
+            func._overloadpacket is ONEDNN_LINEAR
+        ):  # galip.clip.blocks.frozen_linear: x [M, K] · weight [N, K]ᵀ
+            self.flops[self.phase] += 2 * args[0].numel() * args[1].shape[0]
         return out
 
 
