@@ -98,6 +98,7 @@ def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
         and not weight.requires_grad
         and (bias is None or not bias.requires_grad)
         and not torch.is_autocast_enabled("cpu")  # autocast's bf16 GEMMs are F.linear's
+        and not torch.compiler.is_compiling()  # inductor lowers this op only for packed constant weights
     )
 
 
