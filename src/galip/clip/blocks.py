@@ -1,13 +1,12 @@
-"""Running one frozen CLIP-ViT block with gradients: open_clip's block, with its attention's projections
-as plain 2-D matmuls.
+"""Running one frozen CLIP block: open_clip's block, with its attention's projections as plain 2-D matmuls.
 
 ``nn.MultiheadAttention(batch_first=True)`` transposes its [B, L, width] input to a strided [L, B, width]
 view and projects that view, which PyTorch runs as L small batched matmuls with the weight broadcast over
 them (``bmm``); on the contiguous [B·L, width] rows the same projection is one GEMM. `run_block` does the
 block's maths itself in that layout: LayerNorm, QKV projection, ``scaled_dot_product_attention`` (the
 kernel MultiheadAttention calls too), output projection, LayerScale, MLP. Anything that is not a plain
-open_clip ``ResidualAttentionBlock`` runs as ``block(x)``, and so does every block without autograd
-(MultiheadAttention then has its own fused inference path).
+open_clip ``ResidualAttentionBlock`` runs as ``block(x)``, and so does every block without autograd where
+oneDNN's GEMM does not apply (MultiheadAttention then has its own fused inference path).
 
 On the CPU in fp32 the block's four projections go to oneDNN's GEMM (`frozen_linear`), which runs these
 shapes (a few hundred rows, 512-3072 wide) ~30 % faster than the MKL sgemm behind ``F.linear``
