@@ -356,6 +356,21 @@ def test_evaluate_judges_the_images_g_draws_in_bf16(trained_run, capsys):
     assert saved["metrics"]["judge/fd"] != results["fp32"]["metrics"]["judge/fd"]  # other pixels were judged
 
 
+def test_results_go_next_to_the_checkpoint_unless_it_ships_inside_the_package(tmp_path):
+    """The package may be installed read-only: a shipped generator's results go to the working directory."""
+    from galip.clip.backbone import PACKAGE_DIR
+    from galip.evaluate import results_dir
+
+    run = tmp_path / "run"
+    run.mkdir()
+    assert results_dir(run / "generator.safetensors") == run
+    assert results_dir(run / "checkpoints" / "last.ckpt") == run / "checkpoints"
+    assert results_dir(run) == run  # a run directory
+    shipped = PACKAGE_DIR / "world" / "assets" / "generator" / "demo" / "generator.safetensors"
+    assert shipped.is_file()
+    assert results_dir(shipped) == Path("outputs/evaluate")
+
+
 def test_clipsim_is_labelled_g_s_clip_only_when_it_is(tiny_clip):
     from types import SimpleNamespace
 

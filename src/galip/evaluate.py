@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from galip.clip import FrozenCLIP
+from galip.clip.backbone import PACKAGE_DIR
 from galip.config import data_name, fid_features, register_resolvers
 from galip.loading import load_generator
 from galip.metrics.fid import EXTRACTORS
@@ -152,14 +153,23 @@ def report(cfg: DictConfig, metrics: dict[str, float], clipsim_of_g: bool = Fals
         "metrics": metrics,
         "protocol": OmegaConf.to_container(cfg.metrics, resolve=False),
     }
-    ckpt = Path(cfg.ckpt)
-    beside = ckpt if ckpt.is_dir() else ckpt.parent
-    out = Path(cfg.out) if cfg.get("out") else beside / f"eval_{data_name(cfg)}_{cfg.split}.json"
+    out = (
+        Path(cfg.out)
+        if cfg.get("out")
+        else results_dir(Path(cfg.ckpt)) / f"eval_{data_name(cfg)}_{cfg.split}.json"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     lines.append(f"results -> {out}")
     print("\n".join(lines), flush=True)
     return result
+
+
+def results_dir(ckpt: Path) -> Path:
+    """Where the results JSON goes by default: next to the checkpoint, or for a generator shipped inside the
+    package (which may be installed read-only) under ``outputs/evaluate`` of the working directory."""
+    beside = ckpt if ckpt.is_dir() else ckpt.parent
+    return Path("outputs/evaluate") if beside.resolve().is_relative_to(PACKAGE_DIR) else beside
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
