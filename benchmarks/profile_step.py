@@ -66,10 +66,8 @@ class FlopCount(TorchDispatchMode):
         count = flop_registry.get(func._overloadpacket)
         if count is not None:
             self.flops[self.phase] += count(*args, **kwargs, out_val=out)
-        elif (
-            func._overloadpacket is ONEDNN_LINEAR
-        ):  # galip.clip.blocks.frozen_linear: x [M, K] · weight [N, K]ᵀ
-            self.flops[self.phase] += 2 * args[0].numel() * args[1].shape[0]
+        elif func._overloadpacket is ONEDNN_LINEAR:  # galip.clip.blocks.frozen_linear
+            self.flops[self.phase] += 2 * args[0].numel() * args[1].shape[0]  # x [M, K] · weight [N, K]ᵀ
         return out
 
 

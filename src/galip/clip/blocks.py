@@ -53,7 +53,7 @@ def run_block(block: nn.Module, x: torch.Tensor, causal: bool = False) -> torch.
     if plain and not _GEMM_ATTENTION:
         return _sequence_first(block, x, causal)
     if not (plain and (torch.is_grad_enabled() or _onednn(x, block.attn.in_proj_weight))):
-        return block(x, attn_mask=_causal_mask(x)) if causal else block(x)
+        return block(x, attn_mask=causal_mask(x.shape[1], x)) if causal else block(x)
     x = x + block.ls_1(_self_attention(block.attn, block.ln_1(x), causal))
     return x + block.ls_2(_mlp(block.mlp, block.ln_2(x)))
 
@@ -111,15 +111,14 @@ def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return frozen_linear(mlp.gelu(x), mlp.c_proj.weight, mlp.c_proj.bias)
 
 
-def _causal_mask(x: torch.Tensor) -> torch.Tensor:
-    """open_clip's text mask for x's length: -inf above the diagonal."""
-    length = x.shape[1]
-    return torch.full((length, length), float("-inf"), device=x.device, dtype=x.dtype).triu_(1)
+def causal_mask(length: int, like: torch.Tensor) -> torch.Tensor:
+    """open_clip's text mask: [length, length], -inf above the diagonal, on ``like``'s device and dtype."""
+    return torch.full((length, length), float("-inf"), device=like.device, dtype=like.dtype).triu_(1)
 
 
 def _sequence_first(block: nn.Module, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
     """The block on x's [L, B, width] view, as a sequence-first MultiheadAttention runs it."""
-    mask = _causal_mask(x) if causal else None
+    mask = causal_mask(x.shape[1], x) if causal else None
     x = x.transpose(0, 1)
     h = block.ln_1(x)
     attn = block.attn

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from galip.clip.blocks import run_block
+from galip.clip.blocks import causal_mask, run_block
 
 _TEXT_PREFIX = True
 
@@ -53,5 +53,5 @@ def _causal_argmax_tower(model: nn.Module) -> bool:
         and getattr(transformer, "batch_first", False)
         and not getattr(transformer, "grad_checkpointing", True)
         and isinstance(mask, torch.Tensor)
-        and torch.equal(mask, torch.full_like(mask, float("-inf")).triu_(1))
+        and torch.equal(mask, causal_mask(len(mask), mask))
     )
