@@ -86,6 +86,8 @@ LEVERS = {
     "F.linear's MKL sgemm (galip.clip.blocks.frozen_linear)",
     "text_prefix": "the text tower run over the batch's tokens up to the last end-of-text token, not the "
     "77-token context (its causal attention makes the rest padding; galip.clip.text)",
+    "patch_gemm": "the frozen CLIP's patch embedding (a conv whose stride is its kernel) as one GEMM on the "
+    "image cut into patches (galip.clip.taps): oneDNN's conv backward to the pixels is slow at stride 32",
     "small_convs_channels_last": "D's convs (7x7 maps) and G's conv to RGB in channels_last (oneDNN's NCHW "
     "kernels are slow there)",
     "channels_last": "G's weights and activations in channels_last memory format",
@@ -108,10 +110,11 @@ DEFAULT_LEVERS = (
     "gemm_attention",
     "onednn_linear",
     "text_prefix",
+    "patch_gemm",
     "fused_adam",
 )
 LADDER = (*DEFAULT_LEVERS, "cached_text", "channels_last")
-STEP_ONLY = frozenset({"module_step", "cached_text", "text_prefix", "fused_adam"})
+STEP_ONLY = frozenset({"module_step", "cached_text", "text_prefix", "patch_gemm", "fused_adam"})
 
 
 def parse_lever_sets(text: str) -> list[tuple[str, ...]]:
@@ -203,6 +206,7 @@ def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DE
         return build_demo_module().to(device)
     from galip.clip import load_clip
     from galip.clip.blocks import set_gemm_attention, set_onednn_linear
+    from galip.clip.taps import set_patch_gemm
     from galip.clip.text import set_text_prefix
     from galip.models import Discriminator, Generator
     from galip.module import ttur_adam
@@ -210,6 +214,7 @@ def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DE
     set_gemm_attention("gemm_attention" in levers)  # process-wide: the row about to run
     set_onednn_linear("onednn_linear" in levers)
     set_text_prefix("text_prefix" in levers)
+    set_patch_gemm("patch_gemm" in levers)
 
     spec = geometry_spec(geometry)
     clip = load_clip(**spec["clip"])  # no pretrained tag, no path: random weights, offline

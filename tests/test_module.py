@@ -8,6 +8,8 @@ import lightning as L
 import pytest
 import torch
 
+from galip.clip import taps as clip_taps
+from galip.clip.taps import patch_tokens
 from galip.module import GALIPModule
 from tests.helpers import build, one_batch_trainer, smoke_cfg
 
@@ -27,8 +29,8 @@ class Step:
     trainer: L.Trainer
     before: dict[str, dict[str, torch.Tensor]]
     real_taps_requires_grad: list[bool] = field(default_factory=list)
-    conv1_forward_grad: list[bool] = field(default_factory=list)
-    conv1_backward_calls: int = 0
+    patch_embedding_grad: list[bool] = field(default_factory=list)
+    patch_embedding_backward_calls: int = 0
     opt_param_ids: list[set[int]] = field(default_factory=list)
 
 
@@ -47,19 +49,21 @@ def step(tmp_path_factory) -> Step:
         return taps
 
     def count_backward(*_):
-        result.conv1_backward_calls += 1
+        result.patch_embedding_backward_calls += 1
+
+    def spy_patch_tokens(conv, pixels):
+        tokens = patch_tokens(conv, pixels)
+        result.patch_embedding_grad.append(tokens.requires_grad)
+        if tokens.requires_grad:
+            tokens.register_hook(count_backward)
+        return tokens
 
     module.real_taps = spy_real_taps
-    conv1 = module.clip.visual.conv1
-    handles = [
-        conv1.register_forward_hook(lambda _m, _i, out: result.conv1_forward_grad.append(out.requires_grad)),
-        conv1.register_full_backward_hook(count_backward),
-    ]
+    clip_taps.patch_tokens = spy_patch_tokens
     try:
         result.trainer.fit(module, datamodule=datamodule)
     finally:
-        for h in handles:
-            h.remove()
+        clip_taps.patch_tokens = patch_tokens
         del module.real_taps
     result.opt_param_ids = [
         {id(p) for g in opt.param_groups for p in g["params"]} for opt in result.trainer.optimizers
@@ -144,9 +148,10 @@ def test_real_taps_carry_no_graph(step):
 
 
 def test_clip_backward_runs_only_for_the_fake(step):
-    """conv1 runs twice per batch (fake with a graph, real without) and is back-propagated once (G step)."""
-    assert sorted(step.conv1_forward_grad) == [False, True]
-    assert step.conv1_backward_calls == 1
+    """The patch embedding runs twice per batch (fake with a graph, real without) and is back-propagated once
+    (G step)."""
+    assert sorted(step.patch_embedding_grad) == [False, True]
+    assert step.patch_embedding_backward_calls == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from benchmarks import speed
 
 from galip.clip import blocks
 from galip.clip.blocks import _is_plain, frozen_linear, run_block, set_gemm_attention, set_onednn_linear
+from galip.clip.taps import patch_tokens, set_patch_gemm
 from galip.clip.text import _causal_argmax_tower, sentence_vectors, set_text_prefix
 from galip.models import Discriminator, Generator
 from galip.models.generator import set_execution
@@ -47,6 +48,7 @@ def _clip_switches_back_on():
     set_gemm_attention(True)
     set_onednn_linear(True)
     set_text_prefix(True)
+    set_patch_gemm(True)
 
 
 def _randomise_affines(module: torch.nn.Module, std: float = 0.3) -> None:
@@ -548,6 +550,61 @@ def test_frozen_linear_under_torch_compile_is_f_linear(onednn_calls):
     x, weight, bias = torch.randn(3, 8), torch.randn(4, 8), torch.randn(4)
     compiled = torch.compile(lambda x: frozen_linear(x, weight, bias), backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), F.linear(x, weight, bias))
+    assert onednn_calls == []
+
+
+def _conv_tokens(conv: torch.nn.Conv2d, pixels: torch.Tensor) -> torch.Tensor:
+    return conv(pixels).flatten(2).transpose(1, 2)
+
+
+def test_patch_tokens_are_the_patch_convs_tokens_in_values_and_gradients(tiny_clip, onednn_calls):
+    conv = tiny_clip.model.visual.conv1  # 8×8 patches, stride 8, frozen
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, 64, 64, requires_grad=True)
+    upstream = torch.randn(3, 64, tiny_clip.geometry.width)
+    want = _conv_tokens(conv, pixels)
+    got = patch_tokens(conv, pixels)
+    assert [tuple(shape) for shape in onednn_calls] == [(3, 64, 3 * 8 * 8)]  # one GEMM on the patches
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = [torch.autograd.grad(y, pixels, upstream)[0] for y in (got, want)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    channels_last = pixels.detach().to(memory_format=torch.channels_last)
+    torch.testing.assert_close(patch_tokens(conv, channels_last), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_trained_patch_conv_gets_the_convs_weight_gradient():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 4, 4, bias=True)
+    pixels = torch.randn(2, 3, 12, 8)
+    grads = [
+        torch.autograd.grad(f(conv, pixels).square().sum(), conv.parameters())
+        for f in (patch_tokens, _conv_tokens)
+    ]
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "conv, size",
+    [
+        (torch.nn.Conv2d(3, 16, 4, 4), 14),  # patches that do not tile the image: the conv drops the rest
+        (torch.nn.Conv2d(3, 16, 4, 2), 12),  # overlapping patches
+        (torch.nn.Conv2d(3, 16, 4, 4, padding=1), 14),
+    ],
+    ids=["remainder", "overlap", "padded"],
+)
+def test_patch_tokens_run_any_other_conv_as_it_is(conv, size, onednn_calls):
+    conv.requires_grad_(False)
+    pixels = torch.randn(2, 3, size, size)
+    assert torch.equal(patch_tokens(conv, pixels), _conv_tokens(conv, pixels))
+    assert onednn_calls == []
+
+
+def test_patch_tokens_switched_off_run_the_conv(tiny_clip, onednn_calls):
+    conv = tiny_clip.model.visual.conv1
+    pixels = torch.randn(2, 3, 64, 64)
+    set_patch_gemm(False)
+    assert torch.equal(patch_tokens(conv, pixels), _conv_tokens(conv, pixels))
     assert onednn_calls == []
 
 

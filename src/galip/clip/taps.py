@@ -1,4 +1,12 @@
-"""D side: run a CLIP-normalised image through the frozen ViT and tap the patch tokens of some blocks."""
+"""D side: run a CLIP-normalised image through the frozen ViT and tap the patch tokens of some blocks.
+
+The ViT's patch embedding is a convolution whose stride is its kernel (32 for ViT-B/32): each token is one
+patch's pixels times a [width, 3·32·32] matrix. `patch_tokens` runs it as that GEMM on the image cut into
+patches (`frozen_linear`). Same maths up to float summation order; on a CPU oneDNN's convolution computes
+the gradient to the pixels (the G step's path to the fakes) at a small fraction of its GEMM rate (B=8 at
+224 px: ~75-150 ms against ~10 ms for the GEMM). ``set_patch_gemm(False)`` (benchmarks/speed.py without
+the lever ``patch_gemm``) keeps the convolution, as the official code runs it.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +16,43 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from galip.clip.blocks import run_block
+from galip.clip.blocks import frozen_linear, run_block
+
+_PATCH_GEMM = True
+
+
+def set_patch_gemm(enabled: bool) -> None:
+    """Process-wide: False makes `patch_tokens` run the patch convolution itself."""
+    global _PATCH_GEMM
+    _PATCH_GEMM = enabled
 
 
 def embed_patches(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Patch conv -> tokens, CLS prepended, positions added, ``ln_pre``: [B, 1 + grid², width]."""
-    x = rearrange(visual.conv1(pixels), "b c h w -> b (h w) c")
-    return add_cls_and_positions(visual, x)
+    return add_cls_and_positions(visual, patch_tokens(visual.conv1, pixels))
+
+
+def patch_tokens(conv: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """``conv(pixels)`` as tokens [B, grid², width] (row-major over the grid); a patchifying conv as a GEMM."""
+    if not (_PATCH_GEMM and _patchifies(conv, pixels)):
+        return rearrange(conv(pixels), "b c h w -> b (h w) c")
+    ph, pw = conv.kernel_size
+    patches = rearrange(pixels, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=ph, pw=pw)  # the weight's order
+    return frozen_linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+
+def _patchifies(conv: nn.Module, pixels: torch.Tensor) -> bool:
+    """A plain Conv2d that cuts the image into whole, non-overlapping patches."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.stride == conv.kernel_size
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and pixels.dim() == 4
+        and pixels.shape[-2] % conv.kernel_size[0] == 0
+        and pixels.shape[-1] % conv.kernel_size[1] == 0
+    )
 
 
 def add_cls_and_positions(visual: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
