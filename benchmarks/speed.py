@@ -25,6 +25,9 @@ the levers one at a time, so each row's ratio to the first is measured in the sa
 
     python benchmarks/speed.py --official-code /tmp/GALIP --levers none/default --cases g1,g8,step8 --rounds 2
 
+``--official-memory both`` adds the official code run under galip's memory settings (``import galip``'s huge
+pages and kept freed memory), and a ratio column against it: what galip gains in arithmetic alone.
+
 Each case runs in a fresh subprocess (unless ``--in-process``) so its peak memory is its own: peak RSS
 on CPU (``ru_maxrss`` is monotone over a process's life), ``torch.cuda.max_memory_allocated`` on CUDA.
 
@@ -114,6 +117,9 @@ DEFAULT_LEVERS = (
     "fused_adam",
 )
 LADDER = (*DEFAULT_LEVERS, "cached_text", "channels_last")
+# The levers that are process settings, not code: `--official-memory kept` runs the official code with them.
+MEMORY_LEVERS = ("hugepages", "keep_freed_memory")
+OFFICIAL_MEMORY = {"glibc": ((),), "kept": (MEMORY_LEVERS,), "both": ((), MEMORY_LEVERS)}
 STEP_ONLY = frozenset({"module_step", "cached_text", "text_prefix", "patch_gemm", "fused_adam"})
 
 
@@ -476,7 +482,9 @@ def _measure(
     dev = torch.device(device)
     torch.manual_seed(seed)
     if official_code:
-        levers = ()
+        levers = tuple(lever for lever in levers if lever in MEMORY_LEVERS)
+        if "keep_freed_memory" in levers:
+            import galip  # noqa: F401  (its import applies GALIP_KEEP_FREED_MEMORY, set by run_case_subprocess)
         fn = official_case_fn(kind, batch_size, official_code, geometry, dev, seed)
     else:
         module = build_module(geometry, dev, levers)
@@ -488,15 +496,18 @@ def _measure(
         base = torch.cuda.memory_allocated(dev) / 2**20
     else:
         base = _rss_mib()
-    times, cpu_times, load_before = [], [], os.getloadavg()[0]
+    times, cpu_times, user_times, sys_times, load_before = [], [], [], [], os.getloadavg()[0]
     for i in range(warmup + repeats):
-        start, cpu_start = time.perf_counter(), time.process_time()
+        start, cpu_start = time.perf_counter(), os.times()
         with _autocast(dev, precision):
             fn()
         _sync(dev)
         if i >= warmup:
             times.append(time.perf_counter() - start)
-            cpu_times.append(time.process_time() - cpu_start)
+            cpu_end = os.times()
+            user_times.append(cpu_end.user - cpu_start.user)
+            sys_times.append(cpu_end.system - cpu_start.system)
+            cpu_times.append(user_times[-1] + sys_times[-1])
     peak = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else _peak_rss_mib()
 
     median = statistics.median(times) if times else float("nan")
@@ -524,11 +535,23 @@ def _measure(
         # CPU seconds of this process, all threads. Near wall × threads when the cores are ours; under other load,
         # OpenMP threads spin-waiting for a descheduled sibling inflate it as well as the wall time.
         "cpu_s": statistics.median(cpu_times) if cpu_times else float("nan"),
+        # Of which user (the arithmetic) and system (the kernel: mostly faulting fresh pages in, on the CPU).
+        "user_s": statistics.median(user_times) if user_times else float("nan"),
+        "sys_s": statistics.median(sys_times) if sys_times else float("nan"),
         "loadavg_1min": [load_before, os.getloadavg()[0]],
         "images_per_s": batch_size / median if times else float("nan"),
         "peak_mem_mib": peak,
         "mem_delta_mib": peak - base,
         "mem_kind": "cuda max_memory_allocated" if dev.type == "cuda" else "peak RSS",
+    }
+
+
+def worker_env(levers: Sequence[str]) -> dict[str, str]:
+    """The environment of a row's process: its memory levers are settings read at the process's start."""
+    return {
+        **os.environ,
+        "THP_MEM_ALLOC_ENABLE": "1" if "hugepages" in levers else "0",
+        "GALIP_KEEP_FREED_MEMORY": "1" if "keep_freed_memory" in levers else "0",
     }
 
 
@@ -544,12 +567,7 @@ def run_case_subprocess(
     cmd += ["--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    env = {
-        **os.environ,
-        "THP_MEM_ALLOC_ENABLE": "1" if "hugepages" in levers else "0",
-        "GALIP_KEEP_FREED_MEMORY": "1" if "keep_freed_memory" in levers else "0",
-    }
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=env)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False, env=worker_env(levers))
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_JSON_TAG)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"case {case} failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout}")
@@ -565,8 +583,11 @@ LEGEND = (
     "levers: see benchmarks/speed.py LEVERS (`+ x`: the row above plus lever x); × official: median of the "
     "same case's official-code rows in this run (without them: its no-lever rows, galip's reproduction of the "
     "official computation) / this median; "
+    "× official, memory kept: the same against the official code run under galip's memory settings "
+    "(`--official-memory`); "
     "median/min s: wall seconds per repeat; images/s = batch / median; CPU s: median process CPU seconds per "
-    "repeat, all threads (≈ wall × threads when the cores are free); peak memory: see above; growth: peak minus the "
+    "repeat, all threads, user + system (user ≈ wall × threads when the cores are free and the arithmetic is all; "
+    "system: the kernel, on a CPU mostly faulting fresh pages in); peak memory: see above; growth: peak minus the "
     "memory held once the models were built (CLIP + G + D, and the batch); load avg: 1-min load average before → "
     "after the case."
 )
@@ -575,7 +596,8 @@ LEGEND = (
 def lever_label(result: dict, previous: dict | None) -> str:
     """``none``, ``default``, the levers, or ``+ lever`` when the row adds one lever to the row above."""
     if result.get("official_code"):
-        return result["official_code"]
+        kept = " + galip's memory settings (hugepages, keep_freed_memory)" if result.get("levers") else ""
+        return result["official_code"] + kept
     levers = result.get("levers", list(DEFAULT_LEVERS))
     if not levers:
         return "none (galip's reproduction of the official computation)"
@@ -588,25 +610,39 @@ def lever_label(result: dict, previous: dict | None) -> str:
 
 def markdown_table(results: Sequence[dict]) -> str:
     """One row per result; ``× official`` compares with the median of the same case's official-code rows of
-    this run, or (without them) of its no-lever rows."""
-    baselines = {}
-    for case in {r["case"] for r in results}:
-        rows = [r for r in results if r["case"] == case and r.get("official_code")]
-        rows = rows or [r for r in results if r["case"] == case and r.get("levers") == []]
-        if rows:
-            baselines[case] = statistics.median(r["median_s"] for r in rows)
+    this run (as the official code runs: glibc's and PyTorch's memory defaults), or (without them) of its
+    no-lever rows; ``× official, memory kept`` (only when there are such rows) with the official code run under
+    galip's memory settings (`--official-memory kept`)."""
+
+    def baselines(pick: Callable[[dict], bool]) -> dict[str, float]:
+        found = {}
+        for case in {r["case"] for r in results}:
+            rows = [r for r in results if r["case"] == case and pick(r)]
+            if rows:
+                found[case] = statistics.median(r["median_s"] for r in rows)
+        return found
+
+    official = baselines(lambda r: bool(r.get("official_code")) and not r.get("levers"))
+    reproduction = baselines(lambda r: not r.get("official_code") and r.get("levers") == [])
+    kept = baselines(lambda r: bool(r.get("official_code")) and bool(r.get("levers")))
+    columns = [{**reproduction, **official}] + ([kept] if kept else [])
+
+    header = "| case | levers | batch | median s | min s | × official |" + (
+        " × official, memory kept |" if kept else ""
+    )
     rows = [
-        "| case | levers | batch | median s | min s | × official | images/s | CPU s | peak memory (MiB) "
-        "| growth (MiB) | load avg |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        header + " images/s | CPU s (user + sys) | peak memory (MiB) | growth (MiB) | load avg |",
+        "|---|---|---:|---:|---:|" + "---:|" * (len(columns) + 5),
     ]
     previous = None
     for r in results:
-        base = baselines.get(r["case"])
-        speedup = f"{base / r['median_s']:.2f}" if base is not None else "–"
+        ratios = "".join(
+            f" {base[r['case']] / r['median_s']:.2f} |" if r["case"] in base else " – |" for base in columns
+        )
+        cpu = f"{r['user_s']:.1f} + {r['sys_s']:.1f}" if "user_s" in r else f"{r['cpu_s']:.1f}"
         rows.append(
             f"| {r['case']} | {lever_label(r, previous)} | {r['batch']} | {r['median_s']:.3f} | {r['min_s']:.3f} "
-            f"| {speedup} | {r['images_per_s']:.2f} | {r['cpu_s']:.1f} | {r['peak_mem_mib']:.0f} "
+            f"|{ratios} {r['images_per_s']:.2f} | {cpu} | {r['peak_mem_mib']:.0f} "
             f"| {r['mem_delta_mib']:.0f} | {r['loadavg_1min'][0]:.1f}→{r['loadavg_1min'][1]:.1f} |"
         )
         previous = r
@@ -685,6 +721,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="a tobran/GALIP checkout: each case also runs the official code itself (official_code.py)",
     )
     p.add_argument(
+        "--official-memory",
+        choices=tuple(OFFICIAL_MEMORY),
+        default="glibc",
+        help="the official code's rows as it runs (glibc: glibc's and PyTorch's memory defaults), under galip's "
+        "memory settings (kept: huge pages, freed memory kept, as `import galip` sets them), or both",
+    )
+    p.add_argument(
         "--rounds", type=int, default=1, help="run the whole list of rows this many times, in turn"
     )
     p.add_argument(
@@ -709,6 +752,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.lever_set = args.lever_sets[0]
     if args.official_code:
         args.official_code = str(Path(args.official_code).expanduser().resolve())
+    if args.official_memory != "glibc" and not args.official_code:
+        p.error(
+            "--official-memory: it chooses how the official code's rows run; give --official-code PATH too"
+        )
+    if args.official_memory != "glibc" and args.in_process:
+        p.error(
+            "--official-memory kept needs a fresh process per row (memory settings are fixed at its start)"
+        )
     if args.ladder and args.in_process:
         p.error("--ladder needs a fresh process per row (huge pages are fixed at a process's start)")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -746,7 +797,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     runs = []
     for case in cases:
         if args.official_code and parse_case(case)[0] != "cached":
-            runs.append((case, (), args.official_code))
+            runs += [(case, memory, args.official_code) for memory in OFFICIAL_MEMORY[args.official_memory]]
         lever_sets = ladder(parse_case(case)[0]) if args.ladder else args.lever_sets
         runs += [(case, levers, None) for levers in lever_sets]
     results = []
@@ -755,7 +806,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             result = run_case(case, levers=levers, official_code=official, **kwargs)
         else:
             result = run_case_subprocess(case, args, levers, official)
-        what = "official code" if official else ",".join(levers) or "none"
+        what = (
+            ("official code" + (" + " + ",".join(levers) if levers else ""))
+            if official
+            else ",".join(levers) or "none"
+        )
         print(
             f"{case} [{what}]: median {result['median_s']:.3f} s, times {[round(t, 3) for t in result['times_s']]}",
             file=sys.stderr,

@@ -13,6 +13,7 @@ import copy
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,20 +362,30 @@ def test_levers_parse_and_ladder():
     assert all(not set(levers) & speed.STEP_ONLY for levers in speed.ladder("g"))
 
 
+def _row(case, median, levers=(), official=None, user=None, sys_=None):
+    row = {
+        "case": case,
+        "levers": list(levers),
+        "batch": 8,
+        "median_s": median,
+        "min_s": median,
+        "times_s": [median],
+        "images_per_s": 8 / median,
+        "cpu_s": 2 * median,
+        "peak_mem_mib": 1.0,
+        "mem_delta_mib": 1.0,
+        "loadavg_1min": [0.0, 0.0],
+    }
+    if official:
+        row["official_code"] = official
+    if user is not None:
+        row |= {"user_s": user, "sys_s": sys_}
+    return row
+
+
 def test_ladder_table_reports_speedup_over_the_official_row():
     def row(levers, median):
-        return {
-            "case": "step8",
-            "levers": list(levers),
-            "batch": 8,
-            "median_s": median,
-            "min_s": median,
-            "images_per_s": 8 / median,
-            "cpu_s": median,
-            "peak_mem_mib": 1.0,
-            "mem_delta_mib": 1.0,
-            "loadavg_1min": [0.0, 0.0],
-        }
+        return _row("step8", median, levers)
 
     table = speed.markdown_table(
         [row((), 30.0), row(("module_step",), 20.0), row(speed.DEFAULT_LEVERS, 10.0)]
@@ -385,12 +396,64 @@ def test_ladder_table_reports_speedup_over_the_official_row():
     assert "| default |" in lines[2] and "| 3.00 |" in lines[2]
 
     # with rows of the official code itself, those are the baseline (the median of them)
-    official = [{**row((), t), "official_code": "official code (tobran/GALIP abc)"} for t in (36.0, 44.0)]
+    official = [_row("step8", t, official="official code (tobran/GALIP abc)") for t in (36.0, 44.0)]
     lines = speed.markdown_table([official[0], row((), 30.0), row(speed.DEFAULT_LEVERS, 10.0), official[1]])
     lines = lines.splitlines()[2:]
     assert "official code (tobran/GALIP abc)" in lines[0] and "| 1.11 |" in lines[0]
     assert "none (galip's reproduction" in lines[1] and "| 1.33 |" in lines[1]
     assert "| default |" in lines[2] and "| 4.00 |" in lines[2]
+
+
+def test_table_against_the_official_code_with_galips_memory_settings_too():
+    official = "official code (tobran/GALIP abc)"
+    results = [
+        _row("step8", 20.0, official=official, user=28.0, sys_=9.0),
+        _row("step8", 15.0, speed.MEMORY_LEVERS, official=official, user=26.0, sys_=0.5),
+        _row("step8", 10.0, speed.DEFAULT_LEVERS, user=18.0, sys_=0.25),
+    ]
+    lines = speed.markdown_table(results).splitlines()
+    assert "| × official | × official, memory kept |" in lines[0] and "CPU s (user + sys)" in lines[0]
+    assert lines[1].count("|") == lines[0].count("|")
+    assert official in lines[2] and "memory settings" not in lines[2] and "| 1.00 | 0.75 |" in lines[2]
+    assert "| 28.0 + 9.0 |" in lines[2]
+    assert (
+        "galip's memory settings (hugepages, keep_freed_memory)" in lines[3] and "| 1.33 | 1.00 |" in lines[3]
+    )
+    assert "| default |" in lines[4] and "| 2.00 | 1.50 |" in lines[4] and "| 18.0 + 0.2 |" in lines[4]
+    # without kept rows there is no such column, and a result without the split shows its CPU total
+    lines = speed.markdown_table([results[0], _row("step8", 10.0, speed.DEFAULT_LEVERS)]).splitlines()
+    assert "memory kept" not in lines[0] and "| 2.00 |" in lines[3] and "| 20.0 |" in lines[3]
+
+
+def test_official_memory_runs_the_official_rows_as_asked(monkeypatch):
+    calls = []
+
+    def fake_subprocess(case, args, levers, official_code=None):
+        calls.append((case, tuple(levers), official_code))
+        return _row(case, 1.0, levers, official=official_code and "official code (tobran/GALIP abc)")
+
+    monkeypatch.setattr(speed, "run_case_subprocess", fake_subprocess)
+    speed.main(
+        ["--official-code", "/tmp/GALIP", "--official-memory", "both", "--levers", "none", "--cases", "g1"]
+    )
+    official = str(Path("/tmp/GALIP").resolve())
+    assert calls == [("g1", (), official), ("g1", speed.MEMORY_LEVERS, official), ("g1", (), None)]
+    assert speed.worker_env(speed.MEMORY_LEVERS)["GALIP_KEEP_FREED_MEMORY"] == "1"
+    assert speed.worker_env(())["GALIP_KEEP_FREED_MEMORY"] == "0"
+    assert speed.worker_env(())["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+@pytest.mark.parametrize("extra", [[], ["--official-code", "/tmp/GALIP", "--in-process"]])
+def test_official_memory_needs_the_official_code_in_fresh_processes(extra, capsys):
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--official-memory", "kept", *extra])
+    assert "--official-memory" in capsys.readouterr().err
+
+
+def test_a_case_reports_user_and_system_cpu_time():
+    result = speed.run_case("g1", geometry="tiny", repeats=2, warmup=0, threads=1)
+    assert result["user_s"] > 0 and result["sys_s"] >= 0
+    assert result["cpu_s"] == pytest.approx(result["user_s"] + result["sys_s"])
 
 
 def test_several_lever_sets():
