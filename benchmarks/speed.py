@@ -484,7 +484,7 @@ def _measure(
     if official_code:
         levers = tuple(lever for lever in levers if lever in MEMORY_LEVERS)
         if "keep_freed_memory" in levers:
-            import galip  # noqa: F401  (its import applies GALIP_KEEP_FREED_MEMORY, set by run_case_subprocess)
+            import galip  # noqa: F401  (its import applies GALIP_KEEP_FREED_MEMORY, set by worker_env)
         fn = official_case_fn(kind, batch_size, official_code, geometry, dev, seed)
     else:
         module = build_module(geometry, dev, levers)
@@ -596,8 +596,10 @@ LEGEND = (
 def lever_label(result: dict, previous: dict | None) -> str:
     """``none``, ``default``, the levers, or ``+ lever`` when the row adds one lever to the row above."""
     if result.get("official_code"):
-        kept = " + galip's memory settings (hugepages, keep_freed_memory)" if result.get("levers") else ""
-        return result["official_code"] + kept
+        levers = result.get("levers")
+        return result["official_code"] + (
+            f" + galip's memory settings ({', '.join(levers)})" if levers else ""
+        )
     levers = result.get("levers", list(DEFAULT_LEVERS))
     if not levers:
         return "none (galip's reproduction of the official computation)"
@@ -806,11 +808,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
             result = run_case(case, levers=levers, official_code=official, **kwargs)
         else:
             result = run_case_subprocess(case, args, levers, official)
-        what = (
-            ("official code" + (" + " + ",".join(levers) if levers else ""))
-            if official
-            else ",".join(levers) or "none"
-        )
+        what = ",".join(levers) or "none"
+        if official:
+            what = "official code" + (f" + {what}" if levers else "")
         print(
             f"{case} [{what}]: median {result['median_s']:.3f} s, times {[round(t, 3) for t in result['times_s']]}",
             file=sys.stderr,
