@@ -93,6 +93,8 @@ LEVERS = {
     "image cut into patches (galip.clip.taps): oneDNN's conv backward to the pixels is slow at stride 32",
     "small_convs_channels_last": "D's convs (7x7 maps) and G's conv to RGB in channels_last (oneDNN's NCHW "
     "kernels are slow there)",
+    "image_block_channels_last": "G's last block (the one at the image size, its largest maps) in channels_last: "
+    "oneDNN's NCHW path reorders each 100-200 MB map to its blocked layout and back around every conv",
     "channels_last": "G's weights and activations in channels_last memory format",
     "fused_adam": "Adam as one fused kernel per network (torch.optim.Adam(fused=True)), not a loop over "
     "its parameters",
@@ -110,6 +112,7 @@ DEFAULT_LEVERS = (
     "fused_fusion",
     "folded_upsample",
     "small_convs_channels_last",
+    "image_block_channels_last",
     "gemm_attention",
     "onednn_linear",
     "text_prefix",
@@ -232,6 +235,7 @@ def build_module(geometry: str, device: torch.device, levers: Sequence[str] = DE
             "batched_affines": "batched_affines" in levers,
             "fused_fusion": "fused_fusion" in levers,
             "folded_upsample": "folded_upsample" in levers,
+            "image_block_channels_last": "image_block_channels_last" in levers,
             "rgb_channels_last": "small_convs_channels_last" in levers,
         },
     )

@@ -305,10 +305,14 @@ def test_discriminator_at_init_on_vitb32_taps(vitb32_discriminator):
 # One execution setting; options of earlier releases
 # ---------------------------------------------------------------------------------------------
 def test_execution_setting_names_and_levers():
+    from dataclasses import asdict
+
     from galip.models.generator import Execution
 
-    assert Execution.of("fast") == Execution(True, True, True, True)
-    assert Execution.of("official") == Execution(False, False, False, False)
+    fields = list(asdict(Execution()))
+    assert "image_block_channels_last" in fields and "rgb_channels_last" in fields
+    assert Execution.of("fast") == Execution(**dict.fromkeys(fields, True))
+    assert Execution.of("official") == Execution(**dict.fromkeys(fields, False))
     assert Execution.of({"fused_fusion": False}) == Execution(fused_fusion=False)
     with pytest.raises(ValueError, match="'fast', 'official'"):
         Execution.of("quick")

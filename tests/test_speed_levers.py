@@ -243,6 +243,33 @@ def test_rgb_conv_in_channels_last_returns_the_image_in_the_callers_layout(tiny_
     torch.testing.assert_close(got, plain(z, s), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("image_block_cl", [True, False])
+def test_image_block_in_channels_last_gives_the_same_image_and_gradients(tiny_clip, image_block_cl):
+    """NCHW maps until the last GBlock, which (switch on) reads a channels_last copy; the image comes back in
+    NCHW and every gradient, the earlier blocks' included, is the plain generator's."""
+    plain, fast = _generator_pair(tiny_clip)
+    fast = set_execution(
+        fast.to(memory_format=torch.contiguous_format), {"image_block_channels_last": image_block_cl}
+    )
+    layouts = []
+    for block in fast.decoder.blocks:
+        block.register_forward_pre_hook(
+            lambda _, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last))
+        )
+    torch.manual_seed(1)
+    z, s = torch.randn(3, plain.nz), torch.randn(3, tiny_clip.geometry.embed_dim)
+    want, got = plain(z, s), fast(z, s)
+    assert layouts == [False] * (len(fast.decoder.blocks) - 1) + [image_block_cl]
+    assert got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    upstream = torch.randn_like(want)
+    want.backward(upstream)
+    got.backward(upstream)
+    for (name, p), q in zip(plain.named_parameters(), fast.parameters(), strict=True):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def test_optimised_generator_in_inference_mode(tiny_clip):
     plain, fast = _generator_pair(tiny_clip)
     z, s = torch.randn(2, plain.nz), torch.randn(2, tiny_clip.geometry.embed_dim)

@@ -86,14 +86,22 @@ def decoder_channels(ngf: int, n_blocks: int, max_mult: int = 8) -> list[int]:
 class ImageDecoder(nn.Module):
     """Seed feature -> image: a 5×5 conv from CLIP width, GBlocks, then LeakyReLU + conv to RGB (no tanh).
 
-    ``rgb_channels_last`` (execution, set by `set_execution`): the conv to RGB runs on a channels_last copy
-    of its input (oneDNN's NCHW kernels for 3 output channels are slow, its backward most of all); the
-    image comes back in the input's layout.
+    Two execution switches (set by `set_execution`), same values either way:
+
+    - ``image_block_channels_last``: the last GBlock (the one that reaches the image size, the decoder's
+      largest maps) runs on a channels_last copy of its input. On a CPU, oneDNN runs NCHW convs by
+      reordering each map to its blocked layout and back; at 224 px those reorders of 100-200 MB maps, and
+      the NCHW kernels themselves, cost more than channels_last's direct kernels.
+    - ``rgb_channels_last``: the conv to RGB runs on channels_last maps (oneDNN's NCHW kernels for 3 output
+      channels are slow, its backward most of all).
+
+    The image comes back in the layout of the decoder's input; the gradient reaches the earlier blocks in
+    theirs.
     """
 
     def __init__(self, cond_dim: int, width: int, grid: int, image_size: int, ngf: int = 64):
         super().__init__()
-        self.rgb_channels_last = True
+        self.image_block_channels_last = self.rgb_channels_last = True
         sizes = decoder_sizes(grid, image_size)
         chans = decoder_channels(ngf, len(sizes))
         self.stem = nn.Conv2d(width, chans[0], 5, 1, 2)
@@ -105,12 +113,16 @@ class ImageDecoder(nn.Module):
 
     def forward(self, seed: torch.Tensor, cond: torch.Tensor | Conditioning) -> torch.Tensor:
         x = self.stem(seed)
-        for block in self.blocks:
+        nchw = not x.is_contiguous(memory_format=torch.channels_last)
+        for i, block in enumerate(self.blocks):
+            if self.image_block_channels_last and i == len(self.blocks) - 1:
+                x = x.contiguous(memory_format=torch.channels_last)
             x = block(x, cond)
         x = F.leaky_relu_(x, 0.2)  # in place on the last block's fresh sum, as the official code's to_rgb
-        if self.rgb_channels_last and not x.is_contiguous(memory_format=torch.channels_last):
-            return self.to_rgb(x.contiguous(memory_format=torch.channels_last)).contiguous()
-        return self.to_rgb(x)
+        if self.rgb_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        image = self.to_rgb(x)
+        return image.contiguous() if nchw else image
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ class Execution:
     batched_affines: all Affine MLPs computed together (`layers.Conditioning`);
     fused_fusion: each DFBlock's elementwise steps as one op (`layers.DFBlock`);
     folded_upsample: each GBlock's upsample folded into its first conv (`layers.GBlock`);
+    image_block_channels_last: the last GBlock, at the image size, in channels_last (`ImageDecoder`);
     rgb_channels_last: the conv to RGB in channels_last (`ImageDecoder`).
 
     ``Execution.of("fast")`` is all of them (the default), ``"official"`` none (the official code's way), a
@@ -129,6 +142,7 @@ class Execution:
     batched_affines: bool = True
     fused_fusion: bool = True
     folded_upsample: bool = True
+    image_block_channels_last: bool = True
     rgb_channels_last: bool = True
 
     @classmethod
@@ -140,7 +154,7 @@ class Execution:
         if setting == "fast":
             return cls()
         if setting == "official":
-            return cls(False, False, False, False)
+            return cls(**dict.fromkeys(asdict(cls()), False))
         raise ValueError(
             f"execution={setting!r}: expected 'fast', 'official' or a mapping of {list(asdict(cls()))}"
         )
@@ -241,6 +255,7 @@ def set_execution(
         elif isinstance(module, GBlock):
             module.folded = execution.folded_upsample
         elif isinstance(module, ImageDecoder):
+            module.image_block_channels_last = execution.image_block_channels_last
             module.rgb_channels_last = execution.rgb_channels_last
     return generator
 
