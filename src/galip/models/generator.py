@@ -114,10 +114,12 @@ class ImageDecoder(nn.Module):
     def forward(self, seed: torch.Tensor, cond: torch.Tensor | Conditioning) -> torch.Tensor:
         x = self.stem(seed)
         nchw = not x.is_contiguous(memory_format=torch.channels_last)
-        for i, block in enumerate(self.blocks):
-            if self.image_block_channels_last and i == len(self.blocks) - 1:
-                x = x.contiguous(memory_format=torch.channels_last)
+        *blocks, image_block = self.blocks
+        for block in blocks:
             x = block(x, cond)
+        if self.image_block_channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = image_block(x, cond)
         x = F.leaky_relu_(x, 0.2)  # in place on the last block's fresh sum, as the official code's to_rgb
         if self.rgb_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
