@@ -9,9 +9,9 @@ Each experiment times the ViT-B/32 geometry's convs at B=8, fp32, in isolation (
     python benchmarks/conv_alternatives.py rates       # GFLOP/s of each decoder conv, fwd and bwd, against sgemm
     python benchmarks/conv_alternatives.py winograd    # Winograd F(2×2,3×3) with its transforms in PyTorch ops
     python benchmarks/conv_alternatives.py nnpack      # NNPACK's conv forward (torch's private op) against oneDNN
+    python benchmarks/conv_alternatives.py subpixel    # the folded 2× convs as one 2×2 conv over 4 output phases
 
-Results and the conclusions drawn from them: experiments/benchmarks.md ("tried, not kept"; 2026-12-02 and
-2026-12-06).
+Results and the conclusions drawn from them: experiments/benchmarks.md ("tried, not kept") and its log.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from allocation import repeat_times
 from profile_step import sgemm_gflops
 
 import galip  # noqa: F401  (sets huge pages, as every galip run does)
+from galip.models.layers import upsample2x_conv3x3
 
 CL = torch.channels_last
 B = 8
@@ -310,6 +311,54 @@ def nnpack() -> None:
         )
 
 
+def _phase_taps(weight: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 3-wide conv's taps along ``dim`` after a 2× nearest upsample, per output phase: even outputs read the
+    inputs (i-1, i) with (w0, w1+w2), odd outputs (i, i+1) with (w0+w1, w2)."""
+    w0, w1, w2 = weight.unbind(dim)
+    return torch.stack((w0, w1 + w2), dim), torch.stack((w0 + w1, w2), dim)
+
+
+def subpixel_conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """conv2d(2× nearest upsample of x, w, b, padding=1) as one stride-1 2×2 conv on x padded by 1, the four
+    output phases' kernels stacked as 4·out channels (16 taps per input pixel, as the folded transposed conv),
+    then the phases interleaved into the 2×-size map."""
+    n, _, h, width = x.shape
+    out_ch = w.shape[0]
+    kernels = [k for rows in _phase_taps(w, 2) for k in _phase_taps(rows, 3)]  # (0,0) (0,1) (1,0) (1,1)
+    y = F.conv2d(F.pad(x, (1, 1, 1, 1)), torch.cat(kernels), b.repeat(4))  # [n, 4·out, h+1, w+1]
+    out = y.new_empty(n, out_ch, h, 2, width, 2)
+    for k, (row, col) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        out[:, :, :, row, :, col] = y[:, k * out_ch : (k + 1) * out_ch, row : row + h, col : col + width]
+    return out.view(n, out_ch, 2 * h, 2 * width)
+
+
+def subpixel() -> None:
+    x64, w64 = torch.randn(2, 5, 6, 7, dtype=torch.double), torch.randn(3, 5, 3, 3, dtype=torch.double)
+    b64 = torch.randn(3, dtype=torch.double)
+    ref = F.conv2d(F.interpolate(x64, scale_factor=2.0, mode="nearest"), w64, b64, padding=1)
+    print(f"float64 check: max |Δ| {(subpixel_conv(x64, w64, b64) - ref).abs().max().item():.1e}")
+    for name, c_in, c_out, size, kind in DECODER:
+        if kind != "tconv":
+            continue
+        x, _, b = decoder_operands(c_in, c_out, size, kind)
+        w = (torch.randn(c_out, c_in, 3, 3) * 0.01).requires_grad_()
+        row = []
+        for fn in (lambda: upsample2x_conv3x3(x, w, b), lambda: subpixel_conv(x, w, b)):  # noqa: B023
+            with torch.no_grad():
+                row.append(median_time(fn))
+
+            def fwd_bwd(fn=fn):
+                y = fn()
+                torch.autograd.grad(y, (x, w, b), torch.ones_like(y))  # noqa: B023
+
+            row.append(median_time(fwd_bwd))
+        print(
+            f"{name:38s} transposed conv fwd {row[0]:.3f} s fwd+bwd {row[1]:.3f} s | "
+            f"2×2 conv + interleave fwd {row[2]:.3f} s fwd+bwd {row[3]:.3f} s",
+            flush=True,
+        )
+
+
 EXPERIMENTS = {
     "layouts": layouts,
     "mixed": mixed,
@@ -318,6 +367,7 @@ EXPERIMENTS = {
     "rates": rates,
     "winograd": winograd,
     "nnpack": nnpack,
+    "subpixel": subpixel,
 }
 
 if __name__ == "__main__":

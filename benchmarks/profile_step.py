@@ -1,6 +1,7 @@
 """Where a D+G training step spends its time.
 
-Two views of one step after one warm-up:
+Two views of one step after ``--warmup`` steps (1: the first, which also counts the FLOPs; more to see the
+steady state, e.g. ``--warmup 16``, once the heap has stopped growing):
 
 * ``--phases`` (the default view): the module's own pieces in `GALIPModule.training_step`'s order, each timed
   by the wall clock and its FLOPs counted (convolutions forward and backward, matmuls, attention: what
@@ -13,6 +14,7 @@ Two views of one step after one warm-up:
     python benchmarks/profile_step.py --ops --levers none               # the reproduction of the official step
     python benchmarks/profile_step.py --levers default,cached_text --batch 8 --geometry tiny
     python benchmarks/profile_step.py --official-code /tmp/GALIP       # the official code's step: FLOPs, time
+    python benchmarks/profile_step.py --warmup 16                      # steps 17-19: the steady state
 
 ``--phases`` needs ``module_step`` among the levers (it runs the module's pieces). In one process huge pages
 follow the environment (`import galip` sets THP_MEM_ALLOC_ENABLE=1 unless it is set), not ``--levers``.
@@ -136,13 +138,15 @@ def sgemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     return repeats * 2 * n**3 / (time.perf_counter() - start) / 1e9
 
 
-def phases(module, batch: dict, steps: int) -> str:
+def phases(module, batch: dict, steps: int, warmup: int = 1) -> str:
     opt_g, opt_d = module.configure_optimizers()
     module.train()
     module.trainer = speed.PlainLoop([opt_g, opt_d])
     counter = FlopCount()
-    with counter:  # the warm-up step counts the FLOPs (the dispatch mode costs time; nothing is timed here)
+    with counter:  # the first warm-up step counts the FLOPs (the dispatch mode costs time; nothing is timed)
         phased_step(module, batch, opt_g, opt_d, Clock(counter))
+    for _ in range(warmup - 1):
+        phased_step(module, batch, opt_g, opt_d, Clock())
     runs = []
     for _ in range(steps):
         clock = Clock()
@@ -152,7 +156,8 @@ def phases(module, batch: dict, steps: int) -> str:
     seconds = {name: sorted(run[name] for run in runs)[len(runs) // 2] for name, _ in PHASES}
     total_s, total_f = sum(seconds.values()), sum(counter.flops.values())
     rows = [
-        f"threads {torch.get_num_threads()}; sgemm 2048³ on them: {peak:.0f} GFLOP/s; median of {steps} step(s)",
+        f"threads {torch.get_num_threads()}; sgemm 2048³ on them: {peak:.0f} GFLOP/s; median of {steps} step(s) "
+        f"after {warmup}",
         "",
         "| phase | what | s | share | GFLOP | GFLOP/s | of sgemm |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -167,7 +172,7 @@ def phases(module, batch: dict, steps: int) -> str:
     return "\n".join(rows)
 
 
-def official(checkout: str, batch_size: int, steps: int) -> str:
+def official(checkout: str, batch_size: int, steps: int, warmup: int = 1) -> str:
     """FLOPs and wall time of the official code's own step (`official_code.OfficialRun`), no phases."""
     import official_code
 
@@ -175,6 +180,8 @@ def official(checkout: str, batch_size: int, steps: int) -> str:
     step = run.step_fn(run.batch([speed.CAPTIONS[i % len(speed.CAPTIONS)] for i in range(batch_size)]))
     counter = FlopCount()
     with counter:
+        step()
+    for _ in range(warmup - 1):
         step()
     times = []
     for _ in range(steps):
@@ -185,7 +192,7 @@ def official(checkout: str, batch_size: int, steps: int) -> str:
     peak = sgemm_gflops()
     return (
         f"official code ({official_code.revision(checkout)}), batch {batch_size}, threads {torch.get_num_threads()}: "
-        f"one D+G step {seconds:.3f} s (median of {steps}), {flops:.1f} GFLOP, {flops / seconds:.0f} GFLOP/s "
+        f"one D+G step {seconds:.3f} s (median of {steps} after {warmup}), {flops:.1f} GFLOP, {flops / seconds:.0f} GFLOP/s "
         f"= {flops / seconds / peak:.0%} of sgemm 2048³ ({peak:.0f} GFLOP/s)"
     )
 
@@ -206,17 +213,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--geometry", choices=("vit_b32", "tiny", "demo"), default="vit_b32")
     p.add_argument("--ops", action="store_true", help="a torch.profiler table of aten ops instead of phases")
-    p.add_argument("--steps", type=int, default=3, help="--phases: timed steps (median per phase)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median; per phase with --phases)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="steps before the timed ones (the first counts FLOPs)"
+    )
     p.add_argument("--rows", type=int, default=20)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
         "--official-code", default=None, metavar="PATH", help="a tobran/GALIP checkout: its own step"
     )
     args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps: at least 1 each (the first warm-up step counts the FLOPs)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.official_code:
-        print(official(args.official_code, args.batch, args.steps))
+        print(official(args.official_code, args.batch, args.steps, args.warmup))
         return
     parts = args.levers.split(",")
     levers = speed.parse_levers(parts[0]) + speed.parse_levers(",".join(parts[1:]) or "none")
@@ -231,10 +243,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"levers {list(levers)}, batch {args.batch}, geometry {args.geometry}")
     if args.ops:
         step = speed.case_fn("step", module, batch, levers)
-        step()  # warm-up
+        for _ in range(args.warmup):
+            step()
         print(ops(step, args.rows))
     else:
-        print(phases(module, batch, args.steps))
+        print(phases(module, batch, args.steps, args.warmup))
 
 
 if __name__ == "__main__":
