@@ -483,6 +483,29 @@ def test_a_case_reports_user_and_system_cpu_time():
     assert result["cpu_s"] == pytest.approx(result["user_s"] + result["sys_s"])
 
 
+def test_the_profile_times_the_steps_after_its_warmup(monkeypatch, capsys):
+    from benchmarks import profile_step
+
+    steps = []
+    run = profile_step.phased_step
+    monkeypatch.setattr(profile_step, "phased_step", lambda *a: steps.append(a[-1]) or run(*a))
+    monkeypatch.setattr(profile_step, "sgemm_gflops", lambda: 100.0)
+    profile_step.main(["--geometry", "tiny", "--batch", "2", "--warmup", "3", "--steps", "2"])
+    assert len(steps) == 5  # the FLOP-counting step, two more untimed, then the two timed ones
+    assert steps[0].counter is not None and all(clock.counter is None for clock in steps[1:])
+    out = capsys.readouterr().out
+    assert "median of 2 step(s) after 3" in out and "| total | one D+G step |" in out
+
+
+@pytest.mark.parametrize("flag", ["--warmup", "--steps"])
+def test_the_profile_refuses_fewer_than_one_step(flag, capsys):
+    from benchmarks import profile_step
+
+    with pytest.raises(SystemExit):
+        profile_step.main([flag, "0"])
+    assert "at least 1 each" in capsys.readouterr().err
+
+
 def test_several_lever_sets():
     assert speed.parse_lever_sets("none/default") == [(), speed.DEFAULT_LEVERS]
     assert speed.parse_lever_sets("default") == [speed.DEFAULT_LEVERS]
