@@ -213,7 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--geometry", choices=("vit_b32", "tiny", "demo"), default="vit_b32")
     p.add_argument("--ops", action="store_true", help="a torch.profiler table of aten ops instead of phases")
-    p.add_argument("--steps", type=int, default=3, help="timed steps (median; per phase with --phases)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="timed steps, their median (per phase with --phases; --ops profiles one)",
+    )
     p.add_argument(
         "--warmup", type=int, default=1, help="steps before the timed ones (the first counts FLOPs)"
     )
